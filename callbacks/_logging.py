@@ -6,7 +6,7 @@ import os
 
 import lightning.pytorch as pl
 
-__all__ = ["log_dir_of", "log_scalars"]
+__all__ = ["log_dir_of", "log_scalars", "current_lrs"]
 
 
 def log_dir_of(trainer: pl.Trainer) -> str:
@@ -27,3 +27,14 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None
     step = trainer.global_step if step is None else step
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+
+
+def current_lrs(trainer: pl.Trainer) -> dict[str, float]:
+    """Effective LR of every param group: ``lr/group{j}`` (``lr/opt{i}_group{j}`` with several optimizers)."""
+    optimizers = trainer.optimizers
+    many = len(optimizers) > 1
+    return {
+        (f"lr/opt{i}_group{j}" if many else f"lr/group{j}"): float(group["lr"])
+        for i, opt in enumerate(optimizers)
+        for j, group in enumerate(opt.param_groups)
+    }
