@@ -4,9 +4,13 @@ from .augment import random_translate
 from .base import ImageArrays, InMemoryImageDataModule
 from .digits import DigitsDataModule
 from .memory import InMemoryImageDataset, gather_collate, make_loader
+from .vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
     "DigitsDataModule",
+    "MNISTDataModule",
+    "FashionMNISTDataModule",
+    "CIFAR10DataModule",
     "InMemoryImageDataModule",
     "ImageArrays",
     "InMemoryImageDataset",

@@ -2,8 +2,8 @@
 
 A DataLoader normally calls ``dataset[i]`` once per sample and then stacks the samples with
 ``default_collate``: for 8x8 digits that Python overhead costs more than the model. Here the whole
-split lives in two tensors and ``__getitems__`` (which PyTorch's fetcher calls with a whole list
-of indices) gathers a batch with one ``index_select``. :func:`gather_collate` then passes the
+split lives in two tensors and ``__getitems__`` of :class:`GatheringView` (which PyTorch's fetcher calls with a
+whole list of indices) gathers a batch with one ``index_select``. :func:`gather_collate` then passes the
 already-batched tensors through.
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["InMemoryImageDataset", "gather_collate", "make_loader"]
+__all__ = ["InMemoryImageDataset", "GatheringView", "gather_collate", "make_loader"]
 
 
 class _Gathered(tuple):
@@ -67,12 +67,33 @@ class InMemoryImageDataset(Dataset):
             x = self.transform(x.unsqueeze(0)).squeeze(0)
         return x, self.targets[index]
 
-    def __getitems__(self, indices: Sequence[int]) -> _Gathered:
+    def gather(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """A whole batch ``(images, targets)`` by one ``index_select`` (and one transform call)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images.index_select(0, idx)
         if self.transform is not None:
             x = self.transform(x)
-        return _Gathered((x, self.targets.index_select(0, idx)))
+        return x, self.targets.index_select(0, idx)
+
+
+class GatheringView(Dataset):
+    """Exposes ``dataset.gather`` as ``__getitems__``, which PyTorch's fetcher calls per batch.
+
+    Kept separate from :class:`InMemoryImageDataset` so that a plain ``DataLoader`` over the
+    dataset itself (default collate, one ``__getitem__`` per sample) keeps working.
+    """
+
+    def __init__(self, dataset: InMemoryImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> _Gathered:
+        return _Gathered(self.dataset.gather(indices))
 
 
 def gather_collate(batch: Any) -> Any:
@@ -97,7 +118,13 @@ def make_loader(
     sampler: Sampler | None = None,
     generator: torch.Generator | None = None,
 ) -> DataLoader:
-    """A DataLoader over ``dataset`` with :func:`gather_collate` and sane worker settings."""
+    """A DataLoader over ``dataset`` with :func:`gather_collate` and sane worker settings.
+
+    An :class:`InMemoryImageDataset` is wrapped in a :class:`GatheringView`, so each batch is
+    gathered by one indexing op instead of one ``__getitem__`` per sample.
+    """
+    if isinstance(dataset, InMemoryImageDataset):
+        dataset = GatheringView(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
