@@ -18,7 +18,9 @@ class DigitsDataModule(InMemoryImageDataModule):
 
     Args:
         batch_size: samples per batch (per device).
-        num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        persistent_workers: keep workers alive between epochs.
         val_fraction: fraction of the non-test images used for validation.
         test_fraction: fraction of all images held out for test.
         seed: seed of the split and of the training shuffle.

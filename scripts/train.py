@@ -10,7 +10,6 @@ Set ``EPOCHWISE_NO_MALLOC_TUNING=1`` to keep glibc's default malloc thresholds (
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from epochwise.modules.runtime import tune_malloc
@@ -65,4 +64,4 @@ def main(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+    main()
