@@ -7,6 +7,7 @@ into every param group. So the callbacks compose with each other and with any LR
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -215,9 +216,11 @@ class SampleBasedLRSchedule(_LRFactorCallback):
         if isinstance(shape, str):
             if shape not in _SHAPES:
                 raise ValueError(f"`shape` must be one of {sorted(_SHAPES)} or a callable, got {shape!r}")
-            base = _SHAPES[shape]
-            self.shape_fn: Callable[[float], float] = lambda p: base(p, **shape_kwargs)
-            base(0.0, **shape_kwargs)  # fail now on bad keyword arguments
+            self.shape_fn: Callable[[float], float] = functools.partial(_SHAPES[shape], **shape_kwargs)
+            try:
+                self.shape_fn(0.0)  # fail now on bad keyword arguments
+            except TypeError as err:
+                raise ValueError(f"bad keyword arguments {shape_kwargs} for shape {shape!r}: {err}") from None
         elif callable(shape):
             if shape_kwargs:
                 raise ValueError(f"keyword arguments {sorted(shape_kwargs)} are only for named shapes")

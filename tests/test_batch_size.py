@@ -301,6 +301,7 @@ def test_two_owners_is_an_error_at_setup():
         (lambda: LRWarmup(2, start_factor=2.0), "start_factor"),
         (lambda: SampleBasedLRSchedule("zigzag"), "shape"),
         (lambda: SampleBasedLRSchedule("cosine", total_samples=0), "total_samples"),
+        (lambda: SampleBasedLRSchedule("cosine", warmup=3), "keyword arguments"),
     ],
 )
 def test_constructor_validation(make, match):
