@@ -377,3 +377,19 @@ def test_sample_based_schedule_is_invariant_to_batch_path():
     for s in common:
         assert warm[s] == pytest.approx(fixed[s]), s
         assert warm[s] == pytest.approx(0.5 * (1 + math.cos(math.pi * s / 256)))
+
+
+def test_progress_bar_total_follows_the_batch_size():
+    class BarProbe(Callback):
+        def __init__(self):
+            self.totals = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.totals.append(trainer.progress_bar_callback.train_progress_bar.total)
+
+    probe = BarProbe()
+    loader = DataLoader(make_dataset(100), batch_size=10)
+    fit(RecordingModule(), [BatchSizeWarmup(5, 50, interval=1), probe], loader, max_epochs=4,
+        enable_progress_bar=True)
+    assert probe.totals == [20, 10, 5, 3]  # sizes 5, 10, 20, 40
