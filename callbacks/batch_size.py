@@ -11,6 +11,7 @@ How a change flows (one path)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ from ._logging import current_lrs, log_scalars
 from .engine import batch_state, has_lr_path
 from .schedules import MilestoneSchedule, WarmupSchedule, check_unit, split_for_max_per_device
 
-__all__ = ["BatchSizeController", "BatchSizeWarmup", "BatchSizeSchedule"]
+__all__ = ["BatchSizeController", "BatchSizeWarmup", "BatchSizeSchedule", "probe_max_per_device"]
 
 
 class BatchSizeController(Callback):
@@ -44,6 +45,9 @@ class BatchSizeController(Callback):
       (also after a resume) discards batches prefetched at the loader's own size;
     - if a request exceeds ``max_per_device`` it keeps the effective batch by raising
       ``trainer.accumulate_grad_batches`` instead (applied at epoch boundaries);
+      ``max_per_device="auto"`` probes it at fit start from the model's measured memory per
+      sample and the device's free memory (:func:`probe_max_per_device`), rank 0's answer
+      broadcast to all ranks and kept in the checkpoint;
     - it seeds each epoch's shuffle with ``seed + epoch`` so a resumed run sees the same order;
     - it publishes the size in :func:`~epochwise.callbacks.engine.batch_state` and logs every
       step ``batch_size/per_device``, ``batch_size/global``, ``batch_size/accumulation`` and
@@ -56,11 +60,13 @@ class BatchSizeController(Callback):
     """
 
     def __init__(
-        self, unit: str = "epoch", max_per_device: int | None = None, seed: int | None = None
+        self, unit: str = "epoch", max_per_device: int | str | None = None, seed: int | None = None
     ) -> None:
         check_unit(unit)
-        if max_per_device is not None and (not isinstance(max_per_device, int) or max_per_device < 1):
-            raise ValueError(f"`max_per_device` must be None or an int >= 1, got {max_per_device!r}")
+        if max_per_device != "auto" and max_per_device is not None and (
+            not isinstance(max_per_device, int) or isinstance(max_per_device, bool) or max_per_device < 1
+        ):
+            raise ValueError(f"`max_per_device` must be None, 'auto' or an int >= 1, got {max_per_device!r}")
         if seed is not None and not isinstance(seed, int):
             raise ValueError(f"`seed` must be None or an int, got {seed!r}")
         self.unit = unit
@@ -71,6 +77,12 @@ class BatchSizeController(Callback):
         self._restart_pending = False
         self._samples_loaded: int | None = None
         self._warned_clamp = False
+        self._probed_max: int | None = None
+
+    @property
+    def _max(self) -> int | None:
+        """``max_per_device`` as an int (the probed value for ``"auto"``)."""
+        return self._probed_max if self.max_per_device == "auto" else self.max_per_device  # type: ignore[return-value]
 
     # -- the schedule -------------------------------------------------------------------------
     def scheduled_batch_size(self, epoch: int, step: int) -> int | None:
@@ -133,6 +145,10 @@ class BatchSizeController(Callback):
         if not hasattr(self, "_loader_batch_size"):
             self._loader_batch_size = int(self._sampler.batch_size)
         self._base_accumulation = int(trainer.accumulate_grad_batches)
+        if self.max_per_device == "auto" and self._probed_max is None:
+            found = probe_max_per_device(pl_module, loader, trainer.optimizers[0] if trainer.optimizers else None)
+            self._probed_max = max(1, int(trainer.strategy.broadcast(found, src=0)))
+            log_scalars(trainer, {"batch_size/max_per_device": float(self._probed_max)})
         state = batch_state(trainer)
         state.world_size = trainer.world_size
         state.loader_batch_size = self._loader_batch_size
@@ -153,7 +169,7 @@ class BatchSizeController(Callback):
         if sampler is None:
             return
         epoch, step0 = trainer.current_epoch, trainer.global_step
-        micro, extra = split_for_max_per_device(self._request(epoch, step0), self.max_per_device)
+        micro, extra = split_for_max_per_device(self._request(epoch, step0), self._max)
         accumulation = self._base_accumulation * extra
         trainer.accumulate_grad_batches = accumulation
         if self.unit == "epoch":
@@ -173,7 +189,7 @@ class BatchSizeController(Callback):
     def _step_plan(self, epoch: int, step0: int, accumulation: int, extra: int) -> Callable[[int], int]:
         """Size of batch ``i`` of this epoch: the request at its optimizer step, split by ``extra``."""
         epoch_cache: dict[int, int] = {}
-        max_per_device = self.max_per_device
+        max_per_device = self._max
 
         def plan(i: int) -> int:
             step = step0 + i // accumulation
@@ -221,6 +237,7 @@ class BatchSizeController(Callback):
             "samples_seen": samples,
             "loader_batch_size": self.loader_batch_size,
             "seed": self.seed,
+            "probed_max_per_device": self._probed_max,
         }
 
     @override
@@ -228,6 +245,8 @@ class BatchSizeController(Callback):
         self._samples_loaded = int(state_dict.get("samples_seen", 0))
         if state_dict.get("loader_batch_size") is not None:
             self._loader_batch_size = int(state_dict["loader_batch_size"])
+        if state_dict.get("probed_max_per_device") is not None:
+            self._probed_max = int(state_dict["probed_max_per_device"])
         if self.seed is None and state_dict.get("seed") is not None:
             self.seed = int(state_dict["seed"])
 
@@ -235,6 +254,48 @@ class BatchSizeController(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # keep a handle on the shared state so state_dict() (which gets no trainer) can read it
         self._trainer_state_ref = batch_state(trainer)
+
+
+def probe_max_per_device(
+    module: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer | None = None,
+    safety_fraction: float = 0.8,
+) -> int:
+    """Largest per-device batch whose estimated training memory fits in the device's free memory.
+
+    The per-sample activation memory is measured with one forward pass on inputs shaped like the
+    loader's first sample (:func:`~epochwise.callbacks.epoch_math.estimate_max_batch_size`); free
+    memory is ``torch.cuda.mem_get_info`` on a GPU, else the available physical memory.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=2)
+        >>> probe_max_per_device(torch.nn.Linear(3, 2), loader) > 1000
+        True
+    """
+    from .epoch_math import estimate_max_batch_size
+
+    sample = loader.dataset[0]
+    x = sample[0] if isinstance(sample, (list, tuple)) else sample
+    if isinstance(x, dict):
+        x = next(v for v in x.values() if isinstance(v, torch.Tensor))
+    if not isinstance(x, torch.Tensor):
+        raise RuntimeError("max_per_device='auto' needs samples whose first element is a tensor")
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    name = type(optimizer).__name__.lower() if optimizer is not None else "adam"
+    kind = "adamw" if "adamw" in name else "adam" if "adam" in name else "lars" if "lars" in name else (
+        "sgd_momentum" if optimizer is not None and optimizer.defaults.get("momentum") else "sgd")
+    try:
+        return estimate_max_batch_size(module, tuple(x.shape), free, optimizer=kind, safety_fraction=safety_fraction)
+    except NotImplementedError as err:  # a LightningModule without forward()
+        raise RuntimeError(
+            f"max_per_device='auto' runs the module's forward() on one batch to measure memory: {err}. "
+            "Define forward() or pass max_per_device as an int."
+        ) from err
 
 
 class BatchSizeWarmup(BatchSizeController):

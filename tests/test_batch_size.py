@@ -393,3 +393,21 @@ def test_progress_bar_total_follows_the_batch_size():
     fit(RecordingModule(), [BatchSizeWarmup(5, 50, interval=1), probe], loader, max_epochs=4,
         enable_progress_bar=True)
     assert probe.totals == [20, 10, 5, 3]  # sizes 5, 10, 20, 40
+
+
+def test_max_per_device_auto_probes_memory_and_is_checkpointed():
+    from epochwise.callbacks.batch_size import probe_max_per_device
+
+    loader = DataLoader(make_dataset(64), batch_size=8)
+    module = RecordingModule()
+    probed = probe_max_per_device(module, loader, torch.optim.SGD(module.parameters(), lr=0.1))
+    assert probed > 1000  # a 4->2 linear layer fits millions of samples in host memory
+    warmup = BatchSizeWarmup(8, 32, interval=1, max_per_device="auto")
+    fit(module, [warmup], loader, max_epochs=2)
+    assert warmup.state_dict()["probed_max_per_device"] > 1000
+    assert module.sizes_by_epoch()[1] == [16] * 4
+    fresh = BatchSizeWarmup(8, 32, interval=1, max_per_device="auto")
+    fresh.load_state_dict({"probed_max_per_device": 12})
+    module = RecordingModule()
+    fit(module, [fresh], loader, max_epochs=2)
+    assert module.sizes_by_epoch()[1] == [8] * 8  # 16 split as 2 x 8 under the restored limit of 12
