@@ -169,7 +169,9 @@ class BatchSizeController(Callback):
         if sampler is None:
             return
         epoch, step0 = trainer.current_epoch, trainer.global_step
-        micro, extra = split_for_max_per_device(self._request(epoch, step0), self._max)
+        # with a step schedule, accumulation (fixed within an epoch) must cover the epoch's largest request
+        largest = self._request(epoch, step0) if self.unit == "epoch" else self._largest_request(epoch, step0, sampler)
+        micro, extra = split_for_max_per_device(largest, self._max)
         accumulation = self._base_accumulation * extra
         trainer.accumulate_grad_batches = accumulation
         if self.unit == "epoch":
@@ -185,6 +187,17 @@ class BatchSizeController(Callback):
         state = batch_state(trainer)
         state.accumulation = accumulation
         state.per_device = sampler.size_of(0)
+
+    def _largest_request(self, epoch: int, step0: int, sampler: ResizableBatchSampler) -> int:
+        """Largest per-device request over the steps this epoch will take (walked step by step)."""
+        remaining = len(sampler.sampler)  # type: ignore[arg-type]
+        step, largest = step0, 1
+        while remaining > 0:
+            wanted = self._request(epoch, step)
+            largest = max(largest, wanted)
+            remaining -= wanted * self._base_accumulation
+            step += 1
+        return largest
 
     def _step_plan(self, epoch: int, step0: int, accumulation: int, extra: int) -> Callable[[int], int]:
         """Size of batch ``i`` of this epoch: the request at its optimizer step, split by ``extra``."""
@@ -203,8 +216,8 @@ class BatchSizeController(Callback):
                         self._warned_clamp = True
                         rank_zero_warn(
                             f"{type(self).__name__}: step {step} asks for {wanted} per device but "
-                            f"max_per_device={max_per_device}; accumulation changes only at epoch "
-                            f"boundaries, so the micro-batch is clamped until the next epoch."
+                            f"max_per_device={max_per_device}; the micro-batch is clamped (the "
+                            f"effective batch of this step is smaller than scheduled)."
                         )
                 epoch_cache[step] = size
             return size

@@ -411,3 +411,18 @@ def test_max_per_device_auto_probes_memory_and_is_checkpointed():
     module = RecordingModule()
     fit(module, [fresh], loader, max_epochs=2)
     assert module.sizes_by_epoch()[1] == [8] * 8  # 16 split as 2 x 8 under the restored limit of 12
+
+
+def test_step_schedule_with_max_per_device_keeps_every_step_effective_batch():
+    loader = DataLoader(make_dataset(96), batch_size=8)
+    module, probe = RecordingModule(), AccumProbe()
+    warmup = BatchSizeWarmup(4, 16, factor=2, interval=2, unit="step", max_per_device=8)
+    fit(module, [warmup, probe], loader, max_epochs=1)
+    assert {acc for _, acc, _ in probe.rows} == {2}  # covers the epoch's largest request (16 = 2 x 8)
+    samples_per_step: dict[int, int] = {}
+    for _, step, _, n, _, _ in module.records:
+        samples_per_step[step] = samples_per_step.get(step, 0) + n
+    steps = sorted(samples_per_step)
+    for step in steps[:-1]:  # the last step may be short: the epoch ran out of samples
+        assert samples_per_step[step] == warmup.schedule(step), step
+    assert all(n <= 8 for *_, n, _, _ in module.records)
