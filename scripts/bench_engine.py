@@ -95,7 +95,7 @@ def bench_change_cost(repeats: int) -> dict[str, float]:
         assert pids == pids_before, "worker processes were restarted"
     del loader
 
-    for r in range(repeats):
+    for _ in range(repeats):
         old = DataLoader(ds, batch_size=sizes[0], shuffle=True, num_workers=2, persistent_workers=True)
         for _ in old:
             pass

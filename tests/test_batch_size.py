@@ -8,7 +8,6 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import MemoryLogger, RecordingModule, make_dataset, quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
@@ -20,6 +19,8 @@ from epochwise.callbacks import (
     SampleBasedLRSchedule,
     batch_state,
 )
+
+from conftest import MemoryLogger, RecordingModule, make_dataset, quiet_trainer
 
 
 def fit(module, callbacks, loader=None, datamodule=None, **trainer_kwargs):

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from epochwise.datamodules import DigitsDataModule, InMemoryImageDataset, gather_collate, make_loader, random_translate
+from epochwise.datamodules import (
+    DigitsDataModule,
+    InMemoryImageDataset,
+    gather_collate,
+    make_loader,
+    random_translate,
+)
 
 
 def test_digits_split_sizes_seed_and_normalisation():

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import RecordingModule, make_dataset, quiet_trainer
 from torch.utils.data import DataLoader
 
 from epochwise.callbacks import BatchSizeWarmup, LRScaling, batch_state
+
+from conftest import RecordingModule, make_dataset, quiet_trainer
 
 
 class RankRecorder(RecordingModule):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning
 import pytest
-from conftest import RecordingModule, make_dataset, quiet_trainer
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
@@ -13,6 +12,8 @@ from epochwise.callbacks._lightning_internals import (
     set_train_epoch_length,
     train_dataloaders,
 )
+
+from conftest import RecordingModule, make_dataset, quiet_trainer
 
 
 class Probe(Callback):

@@ -5,10 +5,19 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import quiet_trainer
 
 from epochwise.datamodules import DigitsDataModule
-from epochwise.modules import LARS, MLP, ImageClassifier, SimpleCNN, build_backbone, resnet18, resnet20
+from epochwise.modules import (
+    LARS,
+    MLP,
+    ImageClassifier,
+    SimpleCNN,
+    build_backbone,
+    resnet18,
+    resnet20,
+)
+
+from conftest import quiet_trainer
 
 
 @pytest.mark.parametrize("size", [8, 13, 32])

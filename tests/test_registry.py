@@ -13,10 +13,11 @@ import pickle
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_dataset, quiet_trainer
 from torch.utils.data import DataLoader
 
 import epochwise.callbacks as cbs
+
+from conftest import make_dataset, quiet_trainer
 
 REGISTRY: dict[str, object] = {
     "BatchSizeWarmup": lambda: cbs.BatchSizeWarmup(4, 16, interval=1),
