@@ -1,10 +1,34 @@
 """epochwise.callbacks: schedules and the callbacks that apply them to any LightningModule."""
 
-from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup
-from .curves import LearningCurveMonitor, plot_learning_curves
+from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup, probe_max_per_device
+from .budget import TrainingBudget, budget_fractions
+from .curves import DIAGNOSES, DIAGNOSIS_CODES, LearningCurveMonitor, diagnose, ema_series, plot_learning_curves
 from .engine import BatchSizeState, batch_state, lr_path
+from .ensembles import SnapshotEnsemble, evaluate_snapshot_ensemble, load_snapshot_state, snapshot_lr_factor
+from .epoch_math import (
+    OPTIMIZER_STATE_COPIES,
+    EpochSuggestion,
+    MemoryEstimate,
+    estimate_max_batch_size,
+    estimate_training_memory,
+    iterations_per_epoch,
+    suggest_max_epochs,
+    total_updates,
+)
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .schedules import MilestoneSchedule, WarmupSchedule, lr_scale
+from .stopping import (
+    EarlyStopping,
+    MetricCriterion,
+    MetricTracker,
+    MultiMetricEarlyStopping,
+    decide_stop,
+    improved,
+    improvement_margin,
+    significant_improvement,
+    student_t_cdf,
+    welch_t_test,
+)
 
 __all__ = [
     "BatchSizeController",
@@ -21,4 +45,33 @@ __all__ = [
     "WarmupSchedule",
     "MilestoneSchedule",
     "lr_scale",
+    "probe_max_per_device",
+    "TrainingBudget",
+    "budget_fractions",
+    "DIAGNOSES",
+    "DIAGNOSIS_CODES",
+    "diagnose",
+    "ema_series",
+    "SnapshotEnsemble",
+    "evaluate_snapshot_ensemble",
+    "load_snapshot_state",
+    "snapshot_lr_factor",
+    "OPTIMIZER_STATE_COPIES",
+    "EpochSuggestion",
+    "MemoryEstimate",
+    "estimate_max_batch_size",
+    "estimate_training_memory",
+    "iterations_per_epoch",
+    "suggest_max_epochs",
+    "total_updates",
+    "EarlyStopping",
+    "MultiMetricEarlyStopping",
+    "MetricCriterion",
+    "MetricTracker",
+    "decide_stop",
+    "improved",
+    "improvement_margin",
+    "significant_improvement",
+    "student_t_cdf",
+    "welch_t_test",
 ]

@@ -57,7 +57,7 @@ def plot_learning_curves(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, ("loss", "acc")):
+    for ax, kind in zip(axes, ("loss", "acc"), strict=True):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = list(history.get(f"{split}_{kind}", []))
             if not values:
@@ -136,9 +136,9 @@ def _check_diagnosis_args(
 
 def diagnose(
     history: Mapping[str, Sequence[float]],
-    ema_alpha: float = 0.3,
-    overfit_margin: float = 0.05,
-    overfit_epochs: int = 2,
+    ema_alpha: float = 0.5,
+    overfit_margin: float = 0.02,
+    overfit_epochs: int = 3,
     plateau_tol: float = 0.01,
     underfit_ratio: float = 0.5,
 ) -> tuple[Diagnosis, str]:
@@ -181,7 +181,8 @@ def diagnose(
     Example:
         >>> hist = {"train_loss": [1.0, 0.4, 0.2, 0.1, 0.05, 0.03],
         ...         "val_loss":   [1.0, 0.5, 0.4, 0.6, 0.8, 0.9]}
-        >>> [diagnose({k: v[: i + 1] for k, v in hist.items()}, ema_alpha=1.0)[0] for i in range(6)]
+        >>> [diagnose({k: v[: i + 1] for k, v in hist.items()}, ema_alpha=1.0, overfit_epochs=2)[0]
+        ...  for i in range(6)]
         ['underfitting', 'improving', 'improving', 'plateau', 'overfitting', 'overfitting']
     """
     _check_diagnosis_args(ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio)
@@ -266,7 +267,7 @@ class LearningCurveMonitor(Callback):
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> monitor = LearningCurveMonitor(ema_alpha=0.3, overfit_margin=0.05, overfit_epochs=2)
+        >>> monitor = LearningCurveMonitor(ema_alpha=0.5, overfit_margin=0.02, overfit_epochs=3)
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3, logger=False)
         >>> # after trainer.fit(...): monitor.diagnoses, monitor.history["val_loss"], monitor.png_path
     """
@@ -276,9 +277,9 @@ class LearningCurveMonitor(Callback):
         dirpath: str | None = None,
         filename: str = "learning_curves.png",
         metrics: Sequence[str] = ("train_loss", "val_loss", "train_acc", "val_acc"),
-        ema_alpha: float = 0.3,
-        overfit_margin: float = 0.05,
-        overfit_epochs: int = 2,
+        ema_alpha: float = 0.5,
+        overfit_margin: float = 0.02,
+        overfit_epochs: int = 3,
         plateau_tol: float = 0.01,
         underfit_ratio: float = 0.5,
     ) -> None:
@@ -320,19 +321,16 @@ class LearningCurveMonitor(Callback):
         for name in self.metrics:
             value = metrics.get(name)
             self.history[name].append(float(value) if value is not None else float("nan"))
-        self._derive_last()
-        log_scalars(trainer, self._last_scalars())
-
-    def _derive_last(self) -> None:
-        """Append the EMA and the diagnosis of the latest entry (a function of the history alone)."""
-        val = self.history.get("val_loss", [])
-        self.val_loss_ema = ema_series(val, self.diagnosis_kwargs["ema_alpha"]) if val else []
-        if any(_finite(v) for v in val):
-            label, reason = diagnose(self.history, **self.diagnosis_kwargs)
-        else:
-            label, reason = None, None
+        self.val_loss_ema = ema_series(self.history.get("val_loss", []), self.diagnosis_kwargs["ema_alpha"])
+        label, reason = self._diagnose(self.history)
         self.diagnoses.append(label)
         self.diagnosis_reasons.append(reason)
+        log_scalars(trainer, self._last_scalars())
+
+    def _diagnose(self, history: Mapping[str, Sequence[float]]) -> tuple[str | None, str | None]:
+        if not any(_finite(v) for v in history.get("val_loss", [])):
+            return None, None
+        return diagnose(history, **self.diagnosis_kwargs)
 
     def _last_scalars(self) -> dict[str, float]:
         def last(name: str) -> float:
@@ -381,11 +379,8 @@ class LearningCurveMonitor(Callback):
         history = state_dict.get("history", {})
         self.history = {m: list(history.get(m, [])) for m in self.metrics}
         self.epochs = list(state_dict.get("epochs", []))
-        # Derive, don't store: replay the per-epoch derivation over the restored history.
-        full, self.diagnoses, self.diagnosis_reasons = self.history, [], []
-        n = max((len(v) for v in full.values()), default=0)
-        for i in range(1, n + 1):
-            self.history = {k: v[:i] for k, v in full.items()}
-            self._derive_last()
-        self.history = full
-        self.val_loss_ema = ema_series(full.get("val_loss", []), self.diagnosis_kwargs["ema_alpha"])
+        # Derive, don't store: the EMA and each epoch's diagnosis are functions of the history.
+        self.val_loss_ema = ema_series(self.history.get("val_loss", []), self.diagnosis_kwargs["ema_alpha"])
+        derived = [self._diagnose({k: v[:i] for k, v in self.history.items()}) for i in range(1, len(self.epochs) + 1)]
+        self.diagnoses = [label for label, _ in derived]
+        self.diagnosis_reasons = [reason for _, reason in derived]

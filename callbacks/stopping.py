@@ -410,8 +410,10 @@ class EarlyStopping(_LightningEarlyStopping):
       following ``trainer.test(model)`` sees the best weights. The copy is part of this callback's
       ``state_dict``, so a resumed run can still restore it (checkpoints grow by one model). Under
       DDP every rank holds the same weights and restores its own copy; the "new best" decision is
-      reduced across ranks (any rank) so all ranks copy at the same epoch. Not for sharded
-      strategies (FSDP/DeepSpeed), where ``state_dict`` is sharded.
+      reduced across ranks (any rank) so all ranks copy at the same epoch (log the monitored
+      metric with ``sync_dist=True`` so that this epoch is the best one on every rank). Costs one
+      device-to-host copy of the weights per improvement. Not for sharded strategies
+      (FSDP/DeepSpeed), where ``state_dict`` is sharded.
     - ``min_delta_mode="rel"``: an improvement must exceed ``min_delta * |best|``.
     - ``start_from_epoch``: checks at epochs ``< start_from_epoch`` (0-based) are ignored: no
       best score, no patience, no thresholds.
@@ -569,7 +571,8 @@ class MultiMetricEarlyStopping(Callback):
 
     ``restore_best_weights`` (``True`` = the first monitor, or a monitor's name) keeps an in-memory
     CPU copy of the module's weights at that metric's best check and loads it back at fit end, as
-    :class:`EarlyStopping` does (the copy is checkpointed).
+    :class:`EarlyStopping` does (the copy is checkpointed; under DDP the copy decision is reduced
+    across ranks, so log the metric with ``sync_dist=True``).
 
     Logged per check (straight to the loggers, rank 0): ``early_stopping/<metric>_wait`` and
     ``early_stopping/<metric>_best`` for every metric, and ``early_stopping/<metric>_p_value`` for
@@ -702,7 +705,6 @@ class MultiMetricEarlyStopping(Callback):
         metrics: dict[str, float] = {}
         should_stop, reason = False, None
         new_best = False
-        updated: list[MetricTracker] = []
         for name, tracker in self.trackers.items():
             value = logs.get(name)
             if value is None:
@@ -715,7 +717,6 @@ class MultiMetricEarlyStopping(Callback):
             v = float(value.squeeze()) if isinstance(value, Tensor) else float(value)
             before = tracker.best_epoch
             tracker.update(v, epoch)
-            updated.append(tracker)
             if name == self.restore_from and tracker.best_epoch != before:
                 new_best = True
             metrics[f"{self.log_prefix}/{name}_wait"] = float(tracker.wait)
@@ -725,8 +726,8 @@ class MultiMetricEarlyStopping(Callback):
             if self.check_finite and not math.isfinite(v) and not should_stop:
                 should_stop = True
                 reason = f"Monitored metric {name} = {v} is not finite. Signaling Trainer to stop."
-        if not should_stop and len(updated) == len(self.trackers):
-            should_stop, reason = decide_stop(updated, self.stop_when)
+        if not should_stop:  # a metric missing so far (strict=False) is not exhausted
+            should_stop, reason = decide_stop(list(self.trackers.values()), self.stop_when)
         if self.restore_from is not None:
             new_best = trainer.strategy.reduce_boolean_decision(new_best, all=False)
             if new_best:

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*treespec.*")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# spawned DDP workers start a fresh interpreter: one OpenMP thread each on a 2-core machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def make_dataset(n: int = 100, features: int = 4, seed: int = 1) -> TensorDataset:
@@ -97,6 +99,16 @@ def quiet_trainer(tmp_path=None, **kwargs: Any) -> pl.Trainer:
         defaults["default_root_dir"] = str(tmp_path)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per process: the test models are tiny, and on a 2-core machine two
+    OpenMP threads per process (DDP tests run two processes) can slow a run down many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -27,9 +27,16 @@ REGISTRY: dict[str, object] = {
     "LRWarmup": lambda: cbs.LRWarmup(1, unit="epoch", start_factor=0.1),
     "SampleBasedLRSchedule": lambda: cbs.SampleBasedLRSchedule("onecycle"),
     "LearningCurveMonitor": lambda: cbs.LearningCurveMonitor(),
+    "EarlyStopping": lambda: cbs.EarlyStopping(
+        "val_loss", patience=1, restore_best_weights=True, min_delta_mode="rel", min_delta=0.01
+    ),
+    "MultiMetricEarlyStopping": lambda: cbs.MultiMetricEarlyStopping(
+        {"val_loss": {"patience": 1}, "val_acc": {"mode": "max", "test": "ttest", "window": 2}},
+        stop_when="any", restore_best_weights=True,
+    ),
+    "TrainingBudget": lambda: cbs.TrainingBudget(max_samples=100, max_flops=1e9),
+    "SnapshotEnsemble": lambda: cbs.SnapshotEnsemble(1, 3),
 }
-for _name, _factory in getattr(cbs, "EXTRA_REGISTRY", {}).items():
-    REGISTRY[_name] = _factory
 
 
 class ForeignModule(pl.LightningModule):
