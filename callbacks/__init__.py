@@ -16,6 +16,14 @@ from .epoch_math import (
     total_updates,
 )
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
+from .resizing import (
+    ContinuousResizeSchedule,
+    ProgressiveResizing,
+    ResizeStage,
+    StagedResizeSchedule,
+    coupled_batch_size,
+    resize_batch,
+)
 from .schedules import MilestoneSchedule, WarmupSchedule, lr_scale
 from .stopping import (
     EarlyStopping,
@@ -74,4 +82,10 @@ __all__ = [
     "significant_improvement",
     "student_t_cdf",
     "welch_t_test",
+    "ProgressiveResizing",
+    "ContinuousResizeSchedule",
+    "StagedResizeSchedule",
+    "ResizeStage",
+    "coupled_batch_size",
+    "resize_batch",
 ]

@@ -74,7 +74,7 @@ def make_data(args: argparse.Namespace, seed: int) -> InMemoryImageDataModule:
                   pin_memory=args.device == "cuda")
     if args.data == "digits":
         return DigitsDataModule(image_size=args.image_size, **common)
-    return CifarShapedRandom(n_train=args.n_train, image_size=args.image_size, **common)
+    return CifarShapedRandom(n_train=args.n_train, n_test=args.n_test, image_size=args.image_size, **common)
 
 
 def make_model(args: argparse.Namespace, channels: int) -> ImageClassifier:
@@ -98,19 +98,22 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
 # measurement
 # ---------------------------------------------------------------------------------------------
 class EpochMeter(Callback):
-    """Per epoch: train seconds (start -> validation start), validation seconds, image side,
-    per-device batch, steps, and on CUDA the peak memory of the training part."""
+    """Per epoch: wall and process-CPU seconds of the training part (epoch start -> validation
+    start) and of the whole epoch, image side, per-device batch, steps, and on CUDA the peak
+    memory of the training part (``max_memory_allocated``, reset at each epoch start)."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.rows: list[dict[str, Any]] = []
-        self._t0 = self._t_train = 0.0
+        self._t0 = self._c0 = 0.0
+        self._t_train: float | None = None
+        self._c_train = 0.0
         self._side: int | None = None
         self._batch: int | None = None
         self._steps = 0
         self._peak: float | None = None
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -118,8 +121,8 @@ class EpochMeter(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self._side, self._batch, self._steps, self._t_train, self._peak = None, None, 0, 0.0, None
-        self._t0 = self._now()
+        self._side, self._batch, self._steps, self._t_train, self._peak = None, None, 0, None, None
+        self._t0, self._c0 = self.now(), time.process_time()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -128,8 +131,8 @@ class EpochMeter(Callback):
         self._steps += 1
 
     def _end_of_training_part(self) -> None:
-        if not self._t_train:
-            self._t_train = self._now()
+        if self._t_train is None:
+            self._t_train, self._c_train = self.now(), time.process_time()
             if self.cuda:
                 self._peak = torch.cuda.max_memory_allocated() / 2**20
 
@@ -139,11 +142,12 @@ class EpochMeter(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_of_training_part()
-        end = self._now()
+        end, cpu = self.now(), time.process_time()
+        assert self._t_train is not None
         self.rows.append({
             "epoch": trainer.current_epoch, "side": self._side, "batch": self._batch, "steps": self._steps,
             "train_s": self._t_train - self._t0, "val_s": end - self._t_train, "epoch_s": end - self._t0,
-            "peak_mib": self._peak,
+            "train_cpu_s": self._c_train - self._c0, "epoch_cpu_s": cpu - self._c0, "peak_mib": self._peak,
         })
 
 
@@ -154,7 +158,7 @@ def run_one(args: argparse.Namespace, seed: int, progressive: bool) -> dict[str,
     meter = EpochMeter(cuda=args.device == "cuda")
     callbacks: list[Callback] = [meter]
     if progressive:
-        callbacks = [ProgressiveResizing(stages=args.stage_list, seed=seed),
+        callbacks = [ProgressiveResizing(stages=args.stage_list, max_batch_size=args.max_batch, seed=seed),
                      LRScaling(rule=args.lr_rule, base_batch_size=args.batch_size), meter]
     trainer = pl.Trainer(
         accelerator=args.device, devices=1, precision=args.precision, max_epochs=args.epochs,
@@ -162,12 +166,12 @@ def run_one(args: argparse.Namespace, seed: int, progressive: bool) -> dict[str,
         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=callbacks,
         deterministic=False,
     )
-    t0 = meter._now()
+    t0, c0 = meter.now(), time.process_time()
     trainer.fit(model, dm)
-    fit_s = meter._now() - t0
+    fit_s, fit_cpu_s = meter.now() - t0, time.process_time() - c0
     test = trainer.test(model, dm, verbose=False)[0]
-    return {"seed": seed, "progressive": progressive, "fit_s": fit_s, "test_acc": float(test["test_acc"]),
-            "epochs": meter.rows}
+    return {"seed": seed, "progressive": progressive, "fit_s": fit_s, "fit_cpu_s": fit_cpu_s,
+            "test_acc": float(test["test_acc"]), "epochs": meter.rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +182,9 @@ def _median(xs: list[float]) -> float:
 
 
 def summarize(runs: list[dict[str, Any]], stages: list[tuple[int, int]], epochs: int) -> dict[str, Any]:
+    """Per stage and per fit: medians over seeds (of each seed's median epoch in the stage), plus
+    contention-robust figures: process CPU time, and the fastest epoch / fit (noise only adds time)."""
+
     def stage_of(epoch: int) -> int:
         return max(i for i, (start, _) in enumerate(stages) if start <= epoch)
 
@@ -185,24 +192,33 @@ def summarize(runs: list[dict[str, Any]], stages: list[tuple[int, int]], epochs:
     for key, prog in (("full", False), ("progressive", True)):
         rs = [r for r in runs if r["progressive"] is prog]
         per_stage = []
-        for i, (start, side) in enumerate(stages):
+        for i, (start, _side) in enumerate(stages):
             end = stages[i + 1][0] if i + 1 < len(stages) else epochs
             if start >= epochs:
                 break
-            # per seed: median epoch time within the stage; then median over seeds
-            train = [_median([e["train_s"] for e in r["epochs"] if stage_of(e["epoch"]) == i]) for r in rs]
-            whole = [_median([e["epoch_s"] for e in r["epochs"] if stage_of(e["epoch"]) == i]) for r in rs]
-            peaks = [e["peak_mib"] for r in rs for e in r["epochs"] if stage_of(e["epoch"]) == i and e["peak_mib"]]
-            sample = next(e for e in rs[0]["epochs"] if stage_of(e["epoch"]) == i)
+            end = min(end, epochs)
+
+            def col(name: str, r: dict[str, Any], i: int = i) -> list[float]:
+                return [e[name] for e in r["epochs"] if stage_of(e["epoch"]) == i]
+
+            peaks = [p for r in rs for p in col("peak_mib", r) if p]
+            sample = col("side", rs[0]), col("batch", rs[0]), col("steps", rs[0])
             per_stage.append({
-                "epochs": f"{start}-{end - 1}", "n_epochs": end - start, "side": sample["side"],
-                "batch": sample["batch"], "steps": sample["steps"],
-                "train_s": _median(train), "epoch_s": _median(whole),
+                "epochs": f"{start}-{end - 1}", "n_epochs": end - start,
+                "side": sample[0][0], "batch": sample[1][0], "steps": sample[2][0],
+                "train_s": _median([_median(col("train_s", r)) for r in rs]),
+                "epoch_s": _median([_median(col("epoch_s", r)) for r in rs]),
+                "epoch_s_min": min(min(col("epoch_s", r)) for r in rs),
+                "epoch_cpu_s": _median([_median(col("epoch_cpu_s", r)) for r in rs]),
                 "peak_mib": max(peaks) if peaks else None,
             })
         out[key] = {
             "stages": per_stage,
             "fit_s": _median([r["fit_s"] for r in rs]),
+            "fit_s_min": min(r["fit_s"] for r in rs),
+            "fit_cpu_s": _median([r["fit_cpu_s"] for r in rs]),
+            # lower envelope: the fastest epoch of each stage, times the stage's epochs
+            "fit_s_from_fastest_epochs": sum(st["n_epochs"] * st["epoch_s_min"] for st in per_stage),
             "train_s": _median([sum(e["train_s"] for e in r["epochs"]) for r in rs]),
             "test_acc": _median([r["test_acc"] for r in rs]),
             "fit_s_all": [r["fit_s"] for r in rs],
@@ -210,26 +226,40 @@ def summarize(runs: list[dict[str, Any]], stages: list[tuple[int, int]], epochs:
         }
     full, prog = out["full"], out["progressive"]
     out["speedup_fit"] = full["fit_s"] / prog["fit_s"]
-    out["speedup_train"] = full["train_s"] / prog["train_s"]
+    out["speedup_fit_min"] = full["fit_s_min"] / prog["fit_s_min"]
+    out["speedup_fit_cpu"] = full["fit_cpu_s"] / prog["fit_cpu_s"]
+    out["speedup_fastest_epochs"] = full["fit_s_from_fastest_epochs"] / prog["fit_s_from_fastest_epochs"]
     out["acc_delta_points"] = 100.0 * (prog["test_acc"] - full["test_acc"])
+    out["acc_delta_points_per_seed"] = [
+        100.0 * (p - f) for f, p in zip(full["test_acc_all"], prog["test_acc_all"], strict=True)
+    ]
+    out["acc_delta_points_mean_paired"] = statistics.fmean(out["acc_delta_points_per_seed"])
     return out
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print("\nper stage (medians over seeds; epoch = train + full-size validation)")
-    print(f"{'run':<12}{'epochs':>8}{'side':>6}{'batch':>7}{'steps':>7}{'train s/ep':>12}{'epoch s':>9}{'peak MiB':>10}")
+    print("\nper stage: epoch = training + full-size validation; median over seeds of each seed's median"
+          " epoch; 'fastest' = least-disturbed epoch; CPU = process CPU seconds")
+    print(f"{'run':<12}{'epochs':>8}{'side':>6}{'batch':>7}{'steps':>7}{'train s':>9}{'epoch s':>9}"
+          f"{'fastest':>9}{'CPU s':>8}{'peak MiB':>10}")
     for key in ("full", "progressive"):
         for st in summary[key]["stages"]:
             peak = f"{st['peak_mib']:.0f}" if st["peak_mib"] else "-"
             print(f"{key:<12}{st['epochs']:>8}{st['side']:>6}{st['batch']:>7}{st['steps']:>7}"
-                  f"{st['train_s']:>12.3f}{st['epoch_s']:>9.3f}{peak:>10}")
-    print(f"\n{'run':<12}{'fit s':>9}{'train s':>9}{'test acc':>10}   per seed (fit s / acc)")
+                  f"{st['train_s']:>9.3f}{st['epoch_s']:>9.3f}{st['epoch_s_min']:>9.3f}"
+                  f"{st['epoch_cpu_s']:>8.3f}{peak:>10}")
+    print(f"\n{'run':<12}{'fit s':>8}{'min':>8}{'CPU s':>8}{'fastest':>9}{'test acc':>10}   per seed (fit s / acc)")
     for key in ("full", "progressive"):
         s = summary[key]
         per_seed = ", ".join(f"{f:.1f}/{a:.4f}" for f, a in zip(s["fit_s_all"], s["test_acc_all"], strict=True))
-        print(f"{key:<12}{s['fit_s']:>9.2f}{s['train_s']:>9.2f}{s['test_acc']:>10.4f}   {per_seed}")
-    print(f"\nspeed-up (whole fit): {summary['speedup_fit']:.2f}x   (training part only: "
-          f"{summary['speedup_train']:.2f}x)   test accuracy delta: {summary['acc_delta_points']:+.2f} points")
+        print(f"{key:<12}{s['fit_s']:>8.1f}{s['fit_s_min']:>8.1f}{s['fit_cpu_s']:>8.1f}"
+              f"{s['fit_s_from_fastest_epochs']:>9.1f}{s['test_acc']:>10.4f}   {per_seed}")
+    print(f"\nspeed-up of the whole fit: {summary['speedup_fit']:.2f}x (median wall), "
+          f"{summary['speedup_fit_min']:.2f}x (fastest wall), {summary['speedup_fit_cpu']:.2f}x (median CPU), "
+          f"{summary['speedup_fastest_epochs']:.2f}x (fastest epoch per stage)")
+    deltas = ", ".join(f"{d:+.2f}" for d in summary["acc_delta_points_per_seed"])
+    print(f"test accuracy delta (median progressive - median full): {summary['acc_delta_points']:+.2f} "
+          f"points; paired per seed: {deltas} (mean {summary['acc_delta_points_mean_paired']:+.2f})")
 
 
 def _atomic_path(path: Path) -> tuple[str, Path]:
@@ -257,7 +287,9 @@ def plot(summary: dict[str, Any], runs: list[dict[str, Any]], path: Path, title:
         rs = [r for r in runs if r["progressive"] is prog]
         n = min(len(r["epochs"]) for r in rs)
         ys = [_median([r["epochs"][e]["train_s"] for r in rs]) for e in range(n)]
-        ax1.plot(range(n), ys, "-o", color=color, markersize=3, label=label)
+        fastest = [min(r["epochs"][e]["train_s"] for r in rs) for e in range(n)]
+        ax1.plot(range(n), fastest, ":", color=color, linewidth=1, label=f"{label} (fastest seed)")
+        ax1.plot(range(n), ys, "-o", color=color, markersize=3, label=f"{label} (median over seeds)")
         if prog:
             for e in range(n):
                 row = rs[0]["epochs"][e]
@@ -265,18 +297,25 @@ def plot(summary: dict[str, Any], runs: list[dict[str, Any]], path: Path, title:
                     ax1.annotate(f"{row['side']}px\nbatch {row['batch']}", (e, ys[e]), fontsize=8,
                                  textcoords="offset points", xytext=(0, 10), ha="left")
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training seconds per epoch (median over seeds)")
+    ax1.set_ylabel("training seconds per epoch")
     ax1.set_ylim(bottom=0)
     ax1.grid(alpha=0.3)
     ax1.legend()
     keys = ("full", "progressive")
-    bars = ax2.bar(["full size", "progressive"], [summary[k]["fit_s"] for k in keys],
-                   color=["tab:blue", "tab:orange"])
-    for bar, k in zip(bars, keys, strict=True):
-        ax2.annotate(f"{summary[k]['fit_s']:.1f}s\nacc {100 * summary[k]['test_acc']:.1f}%",
-                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
-    ax2.set_ylabel("whole fit, seconds (median)")
-    ax2.set_title(f"{summary['speedup_fit']:.2f}x faster, {summary['acc_delta_points']:+.2f} pts")
+    metrics = (("fit_s", "median wall"), ("fit_cpu_s", "median CPU"), ("fit_s_min", "fastest wall"))
+    width = 0.38
+    for j, (k, color) in enumerate(zip(keys, ("tab:blue", "tab:orange"), strict=True)):
+        xs = [m + (j - 0.5) * width for m in range(len(metrics))]
+        vals = [summary[k][name] for name, _ in metrics]
+        ax2.bar(xs, vals, width, color=color, label=f"{k}: acc {100 * summary[k]['test_acc']:.1f}%")
+        for x, v in zip(xs, vals, strict=True):
+            ax2.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks(range(len(metrics)), [label for _, label in metrics], fontsize=8)
+    ax2.set_ylabel("whole fit, seconds")
+    ax2.legend(fontsize=8)
+    ax2.set_title(f"speed-up {summary['speedup_fit']:.2f}x wall / {summary['speedup_fit_cpu']:.2f}x CPU, "
+                  f"acc {summary['acc_delta_points']:+.2f} pts (median), "
+                  f"{summary['acc_delta_points_mean_paired']:+.2f} (mean paired)", fontsize=9)
     ax2.margins(y=0.25)
     fig.suptitle(title)
     fig.tight_layout()
@@ -301,7 +340,7 @@ def stage_picture(args: argparse.Namespace, path: Path) -> None:
     for ax, (start, side) in zip(axes, args.stage_list, strict=True):
         seen = resize_batch(image, side)[0, 0]
         ax.imshow(seen.numpy(), cmap="gray", interpolation="nearest")
-        batch = coupled_batch_size(args.batch_size, args.image_size, side)
+        batch = coupled_batch_size(args.batch_size, args.image_size, side, max_batch=args.max_batch)
         ax.set_title(f"from epoch {start}\n{side}x{side} px, batch {batch}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -321,32 +360,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", choices=["simple_cnn", "resnet20"], default=None,
                    help="default: simple_cnn on digits, resnet20 on cifar-shaped")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="default: 12 (digits), 8 (cifar-shaped)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 20 (digits), 8 (cifar-shaped)")
     p.add_argument("--stages", default=None,
-                   help="start_epoch:side,... default: 0:16,5:24,9:32 (digits), 0:16,3:24,6:32 (cifar-shaped)")
+                   help="start_epoch:side,... default: 0:16,6:24,12:32 (digits), 0:16,3:24,6:32 (cifar-shaped)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64, help="batch at full size (the base of the coupling)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="upper bound of the coupled per-device batch; default: 128 (digits), none (cifar-shaped)")
     p.add_argument("--optimizer", default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-3 (digits), 1e-3 (cifar-shaped)")
     p.add_argument("--lr-rule", choices=["linear", "sqrt", "none"], default="sqrt")
-    p.add_argument("--cosine", action="store_true", help="cosine LR over the epochs (both runs)")
+    p.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=True,
+                   help="cosine LR over the epochs in both runs (default: on)")
     p.add_argument("--n-train", type=int, default=50_000, help="cifar-shaped: training images")
+    p.add_argument("--n-test", type=int, default=10_000, help="cifar-shaped: test images")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_resizing"))
     p.add_argument("--picture", default=str(ROOT / "docs" / "progressive_resizing_stages.png"),
                    help="digits only; '' to skip")
     args = p.parse_args(argv)
     cifar = args.data == "cifar-shaped"
     args.model = args.model or ("resnet20" if cifar else "simple_cnn")
-    args.epochs = args.epochs or (8 if cifar else 12)
-    args.stages = args.stages or ("0:16,3:24,6:32" if cifar else "0:16,5:24,9:32")
+    args.epochs = args.epochs or (8 if cifar else 20)
+    args.stages = args.stages or ("0:16,3:24,6:32" if cifar else "0:16,6:24,12:32")
+    args.lr = args.lr or (1e-3 if cifar else 3e-3)
+    if args.max_batch is None and not cifar:
+        args.max_batch = 128
     args.stage_list = parse_stages(args.stages)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     torch.set_float32_matmul_precision("high")
 
     print(f"bench_resizing: {args.data} {args.image_size}px, {args.model}, {args.epochs} epochs, stages "
-          f"{args.stages}, batch {args.batch_size} at full size, {args.optimizer} lr {args.lr} "
-          f"({args.lr_rule} scaling), device {args.device} {args.precision}, seeds {args.seeds}, "
+          f"{args.stages}, batch {args.batch_size} at full size (coupled, max {args.max_batch}), "
+          f"{args.optimizer} lr {args.lr} ({args.lr_rule} scaling, cosine {args.cosine}), device {args.device} {args.precision}, seeds {args.seeds}, "
           f"malloc tuning {'on' if MALLOC_TUNED else 'off'}, torch threads {torch.get_num_threads()}")
     runs = []
     t_start = time.perf_counter()
