@@ -1,10 +1,27 @@
 """epochwise.callbacks: schedules and the callbacks that apply them to any LightningModule."""
 
-from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup, probe_max_per_device
+from .batch_size import (
+    BatchSizeController,
+    BatchSizeSchedule,
+    BatchSizeWarmup,
+    probe_max_per_device,
+)
 from .budget import TrainingBudget, budget_fractions
-from .curves import DIAGNOSES, DIAGNOSIS_CODES, LearningCurveMonitor, diagnose, ema_series, plot_learning_curves
+from .curves import (
+    DIAGNOSES,
+    DIAGNOSIS_CODES,
+    LearningCurveMonitor,
+    diagnose,
+    ema_series,
+    plot_learning_curves,
+)
 from .engine import BatchSizeState, batch_state, lr_path
-from .ensembles import SnapshotEnsemble, evaluate_snapshot_ensemble, load_snapshot_state, snapshot_lr_factor
+from .ensembles import (
+    SnapshotEnsemble,
+    evaluate_snapshot_ensemble,
+    load_snapshot_state,
+    snapshot_lr_factor,
+)
 from .epoch_math import (
     OPTIMIZER_STATE_COPIES,
     EpochSuggestion,

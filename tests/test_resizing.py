@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from epochwise.callbacks.batch_size import BatchSizeWarmup
@@ -25,6 +24,8 @@ from epochwise.callbacks.resizing import (
     coupled_batch_size,
     resize_batch,
 )
+
+from conftest import MemoryLogger
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
@@ -301,29 +302,6 @@ def expected_steps(sizes_by_epoch: list[tuple[int, int]], n: int = N) -> list[tu
             seen += b
             i += 1
     return out
-
-
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def series(self, key: str) -> list[float]:
-        return [m[key] for _, m in self.rows if key in m]
 
 
 def test_staged_coupled_sizes_batches_and_full_size_validation():

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.mnist
-from _native_files import LABEL_PIXEL_SCALE, NativeSplits, write_cifar10, write_idx, write_mnist
+
 from epochwise.datamodules import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -28,6 +28,8 @@ from epochwise.datamodules import (
     MNISTDataModule,
 )
 from epochwise.datamodules import vision as vision_module
+
+from _native_files import LABEL_PIXEL_SCALE, NativeSplits, write_cifar10, write_idx, write_mnist
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ def test_docstring_examples_run() -> None:
 
 def test_fits_with_a_trainer(tmp_path: Path) -> None:
     import lightning.pytorch as pl
+
     from epochwise.modules import ImageClassifier
 
     write_cifar10(tmp_path)
