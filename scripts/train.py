@@ -46,17 +46,22 @@ class EpochwiseCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
-    """Build the CLI; ``args`` as on the command line (default: ``sys.argv``)."""
+    """Build the CLI; ``args`` as on the command line (default: ``sys.argv``).
+
+    With ``run=False`` the CLI only parses and instantiates (no subcommand in ``args``).
+    """
     return EpochwiseCLI(
         ImageClassifier,
         DigitsDataModule,
         subclass_mode_model=False,
         subclass_mode_data=True,
         seed_everything_default=0,
-        parser_kwargs={
-            "fit": {"default_config_files": [str(CONFIGS / "default.yaml")]},
-            "description": __doc__,
-        },
+        # run=False has no subcommands: the default recipe then applies to the one parser
+        parser_kwargs=(
+            {"fit": {"default_config_files": [str(CONFIGS / "default.yaml")]}, "description": __doc__}
+            if run
+            else {"default_config_files": [str(CONFIGS / "default.yaml")], "description": __doc__}
+        ),
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
