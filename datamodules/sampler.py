@@ -1,19 +1,71 @@
-"""ResizableBatchSampler: the one mechanism through which epochwise changes the batch size.
+"""Samplers: the one mechanism that sizes batches, and a shuffle that is a function of (seed, epoch).
 
-The batch size is an attribute (or a per-batch *plan*) read while index batches are produced, so
-a change never rebuilds the DataLoader nor restarts its workers: workers only receive lists of
-indices from the main process, and this sampler decides how long each list is.
+:class:`ResizableBatchSampler` decides how many indices each batch gets while the batches are
+produced, so a batch-size change never rebuilds a DataLoader nor restarts its workers (workers only
+receive lists of indices from the main process). :class:`SeededRandomSampler` shuffles each epoch
+from ``(seed, epoch)`` alone, so a resumed or reloaded run sees the order an uninterrupted one sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from itertools import islice
 
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-__all__ = ["ResizableBatchSampler"]
+__all__ = ["ResizableBatchSampler", "SeededRandomSampler", "epoch_seed"]
+
+#: 2**61 - 1, a Mersenne prime: mixes (seed, epoch) into one generator seed.
+_PRIME = (1 << 61) - 1
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of ``epoch`` for base ``seed``; distinct pairs give distinct seeds.
+
+    (``seed + epoch``, DistributedSampler's rule, makes seed 0 at epoch 1 repeat seed 1 at epoch 0.)
+
+    Example:
+        >>> epoch_seed(0, 1) != epoch_seed(1, 0)
+        True
+    """
+    return (int(seed) * 1_000_003 + int(epoch)) % _PRIME
+
+
+class SeededRandomSampler(RandomSampler):
+    """A ``RandomSampler`` whose order is a function of ``(seed, epoch)`` and nothing else.
+
+    Lightning calls ``set_epoch`` on a train loader's sampler at every epoch start, as it does for
+    a ``DistributedSampler``; a fresh generator seeded by :func:`epoch_seed` then draws the order.
+    The global RNG is neither read nor advanced, so the order is the same whatever else the run
+    does, after a resume and after a reload of the loaders. Being a ``RandomSampler``, Lightning
+    still treats the loader as shuffled (under DDP it swaps in a shuffling ``DistributedSampler``).
+
+    Args:
+        data_source: the dataset (only its length is used).
+        seed: base seed of the order.
+        replacement, num_samples: as in ``RandomSampler``.
+
+    Example:
+        >>> s = SeededRandomSampler(range(6), seed=3)
+        >>> first = list(s); s.set_epoch(1); second = list(s); s.set_epoch(0)
+        >>> list(s) == first != second
+        True
+    """
+
+    def __init__(
+        self, data_source: Sized, seed: int = 0, replacement: bool = False, num_samples: int | None = None
+    ) -> None:
+        super().__init__(data_source, replacement=replacement, num_samples=num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        yield from super().__iter__()
 
 
 class ResizableBatchSampler(BatchSampler):
@@ -23,21 +75,25 @@ class ResizableBatchSampler(BatchSampler):
 
     - ``sampler.batch_size = n``: every batch produced from now on has ``n`` samples. With
       DataLoader workers, the ``num_workers * prefetch_factor`` batches already requested keep
-      the old size (mid-epoch lag); at an epoch boundary the change is exact.
-    - ``sampler.plan = f``: ``f(i)`` gives the size of batch ``i`` of the epoch. Sizes known in
-      advance (schedules) are then exact at every step, whatever the prefetching, because the
-      index lists are cut to size when they are produced.
+      the old size; at an epoch boundary the change is exact.
+    - ``sampler.plan = f``: ``f(i)`` is the size of batch ``i`` of the epoch. Sizes known in
+      advance (schedules) are exact at every step whatever the prefetching, because the index
+      lists are cut to size when they are produced.
 
-    ``__len__`` follows the current size or plan, so epoch length in batches is always right.
-    ``set_epoch(e)`` re-seeds a wrapped ``RandomSampler`` with ``seed + e`` (when ``seed`` is set)
-    so that a resumed run shuffles exactly as the uninterrupted one; a ``DistributedSampler``
-    has its own ``set_epoch``, which is forwarded.
+    The order of an epoch: a wrapped sampler with ``set_epoch`` (``DistributedSampler``,
+    :class:`SeededRandomSampler`) gets the epoch forwarded; a plain ``RandomSampler`` is never
+    touched: with ``seed`` set, this sampler draws the epoch's order from a private copy seeded by
+    ``(seed, epoch)``; any other sampler is iterated as it is. ``start_batch = k`` makes the next
+    iteration begin at batch ``k`` of the epoch (skipping the samples of batches ``0..k-1``: a
+    mid-epoch resume); ``__len__`` still counts the whole epoch, as Lightning expects of a resumed
+    loader. Over an ``IterableDataset`` (the sampler yields ``None`` forever) the sizes say how many
+    items each batch pulls from the stream, and ``len()`` raises ``TypeError``.
 
     Args:
         sampler: any sampler of dataset indices (Random, Sequential, Distributed, ...).
-        batch_size: initial batch size.
+        batch_size: size of every batch while no plan is set.
         drop_last: drop a final batch smaller than its planned size.
-        seed: base seed for per-epoch shuffling of a wrapped ``RandomSampler`` (None: leave it).
+        seed: base seed of the per-epoch order when ``sampler`` is a plain ``RandomSampler``.
 
     Example:
         >>> from torch.utils.data import SequentialSampler
@@ -50,42 +106,32 @@ class ResizableBatchSampler(BatchSampler):
         >>> bs.plan = lambda i: 2 ** i
         >>> [len(b) for b in bs], len(bs)
         ([1, 2, 4, 3], 4)
+        >>> bs.start_batch = 2
+        >>> list(bs), len(bs)
+        ([[3, 4, 5, 6], [7, 8, 9]], 4)
     """
 
     def __init__(
-        self, sampler: Sampler[int], batch_size: int, drop_last: bool = False, seed: int | None = None
+        self, sampler: Sampler[int] | Sized, batch_size: int, drop_last: bool = False, seed: int | None = None
     ) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        self._init_resizable(seed)
-
-    def _init_resizable(self, seed: int | None) -> None:
-        self.plan: Callable[[int], int] | None = None
+        super().__init__(sampler, batch_size, drop_last)  # type: ignore[arg-type]
         self.seed = seed
+        self.epoch = 0
+        self.plan: Callable[[int], int] | None = None
+        self.start_batch = 0
+
+    # -- transitional: the wave-1 in-place adoption, removed with the wave-1 controller -------------
+    def _init_resizable(self, seed: int | None) -> None:
+        self.seed, self.epoch, self.plan, self.start_batch = seed, 0, None, 0
 
     @classmethod
     def adopt(cls, batch_sampler: BatchSampler, seed: int | None = None) -> ResizableBatchSampler:
-        """Turn a DataLoader's existing plain ``BatchSampler`` into a resizable one, in place.
-
-        PyTorch forbids re-assigning ``DataLoader.batch_sampler`` after construction, and a live
-        iterator (persistent workers) keeps a reference to the original object. Changing the
-        object's class keeps every reference valid and every attribute (sampler, drop_last) as
-        the user set them: the DataLoader is neither rebuilt nor re-assigned.
-
-        Raises:
-            TypeError: if ``batch_sampler`` is a custom class with its own batching logic, which
-                this sampler would silently discard.
-        """
         if isinstance(batch_sampler, cls):
             if seed is not None:
                 batch_sampler.seed = seed
             return batch_sampler
         if type(batch_sampler) is not BatchSampler:
-            raise TypeError(
-                f"the train DataLoader uses a custom batch sampler ({type(batch_sampler).__name__}); "
-                "epochwise can resize only a plain torch.utils.data.BatchSampler. Build the DataLoader "
-                "with batch_size=... (and shuffle/sampler) instead of batch_sampler=..., or pass a "
-                "ResizableBatchSampler yourself."
-            )
+            raise TypeError(f"custom batch sampler {type(batch_sampler).__name__}")
         batch_sampler.__class__ = cls
         batch_sampler._init_resizable(seed)
         return batch_sampler  # type: ignore[return-value]
@@ -97,9 +143,31 @@ class ResizableBatchSampler(BatchSampler):
             raise ValueError(f"batch size must be >= 1, the plan gave {n} for batch {index}")
         return int(n)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Order the coming iteration as epoch ``epoch`` (forwarded to the sampler if it has ``set_epoch``)."""
+        self.epoch = int(epoch)
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)
+
+    def _epoch_indices(self) -> Iterator[int]:
+        inner = self.sampler
+        if type(inner) is RandomSampler and self.seed is not None and not callable(getattr(inner, "set_epoch", None)):
+            private = RandomSampler(
+                inner.data_source,
+                replacement=inner.replacement,
+                num_samples=inner._num_samples,
+                generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)),
+            )
+            return iter(private)
+        return iter(inner)
+
     def __iter__(self) -> Iterator[list[int]]:
-        indices = iter(self.sampler)
-        i = 0
+        indices = self._epoch_indices()
+        i, self.start_batch = self.start_batch, 0  # a resume offset holds for one iteration only
+        skip = sum(self.size_of(j) for j in range(i))
+        if skip:
+            next(islice(indices, skip - 1, None), None)  # consume the indices of batches 0..i-1
         while True:
             n = self.size_of(i)
             batch = list(islice(indices, n))
@@ -109,7 +177,7 @@ class ResizableBatchSampler(BatchSampler):
             i += 1
 
     def __len__(self) -> int:
-        remaining = len(self.sampler)  # type: ignore[arg-type]
+        remaining = len(self.sampler)  # type: ignore[arg-type]  # TypeError for a stream: Lightning's "inf"
         if self.plan is None:
             if self.drop_last:
                 return remaining // self.batch_size
@@ -122,10 +190,3 @@ class ResizableBatchSampler(BatchSampler):
             remaining -= n
             count += 1
         return count
-
-    def set_epoch(self, epoch: int) -> None:
-        """Seed this epoch's shuffle: forward to the sampler's ``set_epoch`` or re-seed a RandomSampler."""
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        elif isinstance(self.sampler, RandomSampler) and self.seed is not None:
-            self.sampler.generator = torch.Generator().manual_seed(int(self.seed) + int(epoch))
