@@ -6,6 +6,7 @@ from .batch_size import (
     BatchSizeWarmup,
     probe_max_per_device,
 )
+from .best_weights import BestWeights
 from .budget import TrainingBudget, budget_fractions
 from .curves import (
     DIAGNOSES,
@@ -15,6 +16,7 @@ from .curves import (
     ema_series,
     plot_learning_curves,
 )
+from .early_stopping import EarlyStopping
 from .engine import BatchSizeState, batch_state, lr_path
 from .ensembles import (
     SnapshotEnsemble,
@@ -33,6 +35,8 @@ from .epoch_math import (
     total_updates,
 )
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
+from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
+from .multi_metric_stopping import MultiMetricEarlyStopping
 from .resizing import (
     ContinuousResizeSchedule,
     ProgressiveResizing,
@@ -42,18 +46,8 @@ from .resizing import (
     resize_batch,
 )
 from .schedules import MilestoneSchedule, WarmupSchedule, lr_scale
-from .stopping import (
-    EarlyStopping,
-    MetricCriterion,
-    MetricTracker,
-    MultiMetricEarlyStopping,
-    decide_stop,
-    improved,
-    improvement_margin,
-    significant_improvement,
-    student_t_cdf,
-    welch_t_test,
-)
+from .significance import significant_improvement, welch_t_test
+from .stopping_rules import evaluate_check, improved, improvement_margin
 
 __all__ = [
     "BatchSizeController",
@@ -97,8 +91,9 @@ __all__ = [
     "improved",
     "improvement_margin",
     "significant_improvement",
-    "student_t_cdf",
     "welch_t_test",
+    "BestWeights",
+    "evaluate_check",
     "ProgressiveResizing",
     "ContinuousResizeSchedule",
     "StagedResizeSchedule",
