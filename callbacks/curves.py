@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from ._logging import log_dir_of, log_scalars
+from ._checks import ConfigurationError, check_int, check_number, check_str
+from ._logging import log_dir_of, log_metrics
 
 __all__ = [
     "LearningCurveMonitor",
@@ -108,8 +109,7 @@ def ema_series(values: Sequence[float], alpha: float) -> list[float]:
         >>> ema_series([1.0, 0.0, float("nan"), 0.0], alpha=0.5)
         [1.0, 0.5, 0.5, 0.25]
     """
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
+    check_number("alpha", alpha, 0.0, 1.0, low_inclusive=False)
     out: list[float] = []
     current = math.nan
     for v in values:
@@ -122,16 +122,11 @@ def ema_series(values: Sequence[float], alpha: float) -> list[float]:
 def _check_diagnosis_args(
     ema_alpha: float, overfit_margin: float, overfit_epochs: int, plateau_tol: float, underfit_ratio: float
 ) -> None:
-    if not 0.0 < ema_alpha <= 1.0:
-        raise ValueError(f"`ema_alpha` must be in (0, 1], got {ema_alpha!r}")
-    if not (math.isfinite(overfit_margin) and overfit_margin >= 0.0):
-        raise ValueError(f"`overfit_margin` must be a finite number >= 0, got {overfit_margin!r}")
-    if not isinstance(overfit_epochs, int) or isinstance(overfit_epochs, bool) or overfit_epochs < 1:
-        raise ValueError(f"`overfit_epochs` must be an int >= 1, got {overfit_epochs!r}")
-    if not (math.isfinite(plateau_tol) and plateau_tol >= 0.0):
-        raise ValueError(f"`plateau_tol` must be a finite number >= 0, got {plateau_tol!r}")
-    if not 0.0 <= underfit_ratio < 1.0:
-        raise ValueError(f"`underfit_ratio` must be in [0, 1), got {underfit_ratio!r}")
+    check_number("ema_alpha", ema_alpha, 0.0, 1.0, low_inclusive=False)
+    check_number("overfit_margin", overfit_margin, low=0.0)
+    check_int("overfit_epochs", overfit_epochs, minimum=1)
+    check_number("plateau_tol", plateau_tol, low=0.0)
+    check_number("underfit_ratio", underfit_ratio, 0.0, 1.0, high_inclusive=False)
 
 
 def diagnose(
@@ -176,7 +171,8 @@ def diagnose(
             in [0, 1).
 
     Raises:
-        ValueError: if no finite ``val_loss`` is recorded, or for an argument out of range.
+        ValueError: if no finite ``val_loss`` is recorded.
+        ConfigurationError: for an argument out of range (a ``ValueError`` too).
 
     Example:
         >>> hist = {"train_loss": [1.0, 0.4, 0.2, 0.1, 0.05, 0.03],
@@ -229,19 +225,26 @@ class LearningCurveMonitor(Callback):
     """Record train/val loss and accuracy every epoch, diagnose the curve, and write
     ``learning_curves.png`` at fit end.
 
-    The PNG goes into the Trainer logger's run folder (``trainer.log_dir``), or ``dirpath`` if
-    given; it shows the smoothed val loss (dashed) and the last diagnosis in its title.
-    ``history`` holds the per-epoch values and is checkpointed, so a resumed run's plot covers the
-    whole run; everything derived from it (EMA, diagnoses) is recomputed on load.
+    The PNG goes into the Trainer logger's run folder (read from the logger itself, never through
+    ``trainer.log_dir``, which under DDP is a collective the other ranks would not join), or
+    ``dirpath`` if given; it shows the smoothed val loss (dashed) and the last diagnosis in its
+    title. ``history`` holds the per-epoch values and is checkpointed, so a resumed run's plot
+    covers the whole run; everything derived from it (EMA, diagnoses) is recomputed on load. Every
+    fit starts a new history (reset in ``setup``).
 
-    Each epoch, after validation, it derives from the history (the derived quantities read the
-    ``train_loss``, ``val_loss``, ``train_acc`` and ``val_acc`` entries) and logs straight to the
-    Trainer's loggers (rank 0, at ``trainer.global_step``), each key only when computable:
+    A validation metric (a name starting with ``val``) is recorded only for epochs whose
+    validation ran (``check_val_every_n_epoch > 1``, ``limit_val_batches=0``...); the other epochs
+    get NaN, not the stale value ``trainer.callback_metrics`` still holds.
+
+    At the end of each epoch with validation it derives from the history (the derived quantities
+    read the ``train_loss``, ``val_loss``, ``train_acc`` and ``val_acc`` entries) and logs straight to
+    the Trainer's loggers (rank 0, once per epoch), each key only when computable:
 
     - ``curves/gap_loss``: generalisation gap ``val_loss - train_loss``;
     - ``curves/gap_acc``: ``train_acc - val_acc``;
     - ``curves/val_loss_ema``: val loss smoothed by :func:`ema_series` with ``ema_alpha``;
-    - ``curves/val_loss_ema_slope``: its change over the last epoch (negative = improving);
+    - ``curves/val_loss_ema_slope``: its change since the previous epoch with validation
+      (negative = improving);
     - ``curves/best_epoch``: the epoch (0-based, as ``trainer.current_epoch``) of the lowest val loss;
     - ``curves/diagnosis``: :func:`diagnose`'s label as an integer, :data:`DIAGNOSIS_CODES`:
       ``0`` underfitting, ``1`` improving, ``2`` plateau, ``3`` overfitting. The rule is
@@ -250,11 +253,11 @@ class LearningCurveMonitor(Callback):
       the train loss is lower than at that minimum, never before the val loss turns up.
 
     Attributes:
-        history: ``{metric: [per-epoch value]}`` (NaN where missing).
+        history: ``{metric: [per-epoch value]}`` (NaN where missing or not validated).
         epochs: the ``trainer.current_epoch`` of each recorded entry.
         val_loss_ema: the smoothed val loss per entry.
-        diagnoses, diagnosis_reasons: the label and its reason per entry (``None`` while no val
-            loss has been recorded).
+        diagnoses, diagnosis_reasons: the label and its reason per entry (``None`` for an epoch
+            without a finite val loss).
         diagnosis: the latest label (``None`` before the first).
         png_path: the PNG written at fit end.
 
@@ -265,11 +268,15 @@ class LearningCurveMonitor(Callback):
         ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio: the diagnosis
             settings, see :func:`diagnose`.
 
+    Raises:
+        ConfigurationError: for an argument out of range, naming it.
+
     Example:
         >>> from lightning.pytorch import Trainer
         >>> monitor = LearningCurveMonitor(ema_alpha=0.5, overfit_margin=0.02, overfit_epochs=3)
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3, logger=False)
-        >>> # after trainer.fit(...): monitor.diagnoses, monitor.history["val_loss"], monitor.png_path
+        >>> monitor.validation_metrics
+        ('val_loss', 'val_acc')
     """
 
     def __init__(
@@ -283,10 +290,14 @@ class LearningCurveMonitor(Callback):
         plateau_tol: float = 0.01,
         underfit_ratio: float = 0.5,
     ) -> None:
+        check_str("dirpath", dirpath, optional=True)
+        check_str("filename", filename)
         if not filename.endswith(".png"):
-            raise ValueError(f"`filename` must end with '.png', got {filename!r}")
-        if not metrics:
-            raise ValueError("`metrics` must name at least one metric, got an empty sequence")
+            raise ConfigurationError(f"`filename` must end with '.png', got {filename!r}")
+        if isinstance(metrics, str) or not metrics:
+            raise ConfigurationError(f"`metrics` must name at least one metric, got {metrics!r}")
+        for name in metrics:
+            check_str("metrics", name)
         _check_diagnosis_args(ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio)
         self.dirpath = dirpath
         self.filename = filename
@@ -298,12 +309,21 @@ class LearningCurveMonitor(Callback):
             "plateau_tol": plateau_tol,
             "underfit_ratio": underfit_ratio,
         }
+        self._reset()
+
+    def _reset(self) -> None:
         self.history: dict[str, list[float]] = {m: [] for m in self.metrics}
         self.epochs: list[int] = []
         self.val_loss_ema: list[float] = []
         self.diagnoses: list[str | None] = []
         self.diagnosis_reasons: list[str | None] = []
         self.png_path: str | None = None
+        self._validated_epoch = -1
+
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        """The metrics recorded only for epochs whose validation ran (names starting with ``val``)."""
+        return tuple(m for m in self.metrics if m.startswith("val"))
 
     @property
     def state_key(self) -> str:
@@ -314,21 +334,32 @@ class LearningCurveMonitor(Callback):
         """The latest diagnosis label, ``None`` before the first."""
         return next((d for d in reversed(self.diagnoses) if d is not None), None)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new history per fit; a resume loads the checkpointed one after this
+            self._reset()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # In Lightning 2.x this runs after the epoch's validation, so train and val are both final.
         metrics = trainer.callback_metrics
+        validated = self._validated_epoch == trainer.current_epoch
         self.epochs.append(trainer.current_epoch)
         for name in self.metrics:
             value = metrics.get(name)
-            self.history[name].append(float(value) if value is not None else float("nan"))
+            stale = name in self.validation_metrics and not validated
+            self.history[name].append(float(value) if value is not None and not stale else math.nan)  # once per epoch
         self.val_loss_ema = ema_series(self.history.get("val_loss", []), self.diagnosis_kwargs["ema_alpha"])
         label, reason = self._diagnose(self.history)
         self.diagnoses.append(label)
         self.diagnosis_reasons.append(reason)
-        log_scalars(trainer, self._last_scalars())
+        log_metrics(trainer, self._last_scalars())
 
     def _diagnose(self, history: Mapping[str, Sequence[float]]) -> tuple[str | None, str | None]:
-        if not any(_finite(v) for v in history.get("val_loss", [])):
+        val = history.get("val_loss", [])
+        if not val or not _finite(val[-1]):  # no new validation this epoch: nothing new to diagnose
             return None, None
         return diagnose(history, **self.diagnosis_kwargs)
 
@@ -344,11 +375,13 @@ class LearningCurveMonitor(Callback):
             out["curves/gap_loss"] = gap_loss
         if _finite(gap_acc):
             out["curves/gap_acc"] = gap_acc
+        if not _finite(last("val_loss")):
+            return out
         ema = self.val_loss_ema
-        if ema and _finite(ema[-1]):
-            out["curves/val_loss_ema"] = ema[-1]
-            if len(ema) > 1 and _finite(ema[-2]):
-                out["curves/val_loss_ema_slope"] = ema[-1] - ema[-2]
+        out["curves/val_loss_ema"] = ema[-1]
+        previous = [e for e, v in zip(ema[:-1], self.history["val_loss"][:-1], strict=True) if _finite(v)]
+        if previous:
+            out["curves/val_loss_ema_slope"] = ema[-1] - previous[-1]
         best = _argbest(self.history.get("val_loss", []), minimize=True)
         if best is not None:
             out["curves/best_epoch"] = float(self.epochs[best])
@@ -363,7 +396,7 @@ class LearningCurveMonitor(Callback):
     def _write(self, trainer: pl.Trainer) -> str | None:
         if not self.epochs:
             return None
-        folder = self.dirpath or log_dir_of(trainer)
+        folder = self.dirpath or log_dir_of(trainer)  # never trainer.log_dir: a collective under DDP
         history: dict[str, Sequence[float]] = dict(self.history)
         title = None
         if self.val_loss_ema:
