@@ -1,11 +1,14 @@
 """epochwise.callbacks: schedules and the callbacks that apply them to any LightningModule."""
 
-from .batch_size import (
-    BatchSizeController,
-    BatchSizeSchedule,
-    BatchSizeWarmup,
+from ._checks import ConfigurationError
+from .batch_memory import (
+    OPTIMIZER_STATE_COPIES,
+    MemoryEstimate,
+    estimate_max_batch_size,
+    estimate_training_memory,
     probe_max_per_device,
 )
+from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup
 from .budget import TrainingBudget, budget_fractions
 from .curves import (
     DIAGNOSES,
@@ -15,24 +18,17 @@ from .curves import (
     ema_series,
     plot_learning_curves,
 )
-from .engine import BatchSizeState, batch_state, lr_path
+from .engine import BatchSizeState, FitState, batch_state, fit_state
 from .ensembles import (
     SnapshotEnsemble,
     evaluate_snapshot_ensemble,
     load_snapshot_state,
     snapshot_lr_factor,
 )
-from .epoch_math import (
-    OPTIMIZER_STATE_COPIES,
-    EpochSuggestion,
-    MemoryEstimate,
-    estimate_max_batch_size,
-    estimate_training_memory,
-    iterations_per_epoch,
-    suggest_max_epochs,
-    total_updates,
-)
+from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
+from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
     ProgressiveResizing,
@@ -56,6 +52,7 @@ from .stopping import (
 )
 
 __all__ = [
+    "ConfigurationError",
     "BatchSizeController",
     "BatchSizeWarmup",
     "BatchSizeSchedule",
@@ -65,8 +62,15 @@ __all__ = [
     "LearningCurveMonitor",
     "plot_learning_curves",
     "BatchSizeState",
+    "FitState",
     "batch_state",
-    "lr_path",
+    "fit_state",
+    "LRFactorCallback",
+    "LRPath",
+    "ScaledScheduler",
+    "EpochPlan",
+    "plan_epoch",
+    "simulate_fit",
     "WarmupSchedule",
     "MilestoneSchedule",
     "lr_scale",
