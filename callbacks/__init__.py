@@ -1,11 +1,14 @@
 """epochwise.callbacks: schedules and the callbacks that apply them to any LightningModule."""
 
-from .batch_size import (
-    BatchSizeController,
-    BatchSizeSchedule,
-    BatchSizeWarmup,
+from ._checks import ConfigurationError
+from .batch_memory import (
+    OPTIMIZER_STATE_COPIES,
+    MemoryEstimate,
+    estimate_max_batch_size,
+    estimate_training_memory,
     probe_max_per_device,
 )
+from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup
 from .best_weights import BestWeights
 from .budget import TrainingBudget, budget_fractions
 from .curves import (
@@ -17,26 +20,19 @@ from .curves import (
     plot_learning_curves,
 )
 from .early_stopping import EarlyStopping
-from .engine import BatchSizeState, batch_state, lr_path
+from .engine import BatchSizeState, FitState, batch_state, fit_state
 from .ensembles import (
     SnapshotEnsemble,
     evaluate_snapshot_ensemble,
     load_snapshot_state,
     snapshot_lr_factor,
 )
-from .epoch_math import (
-    OPTIMIZER_STATE_COPIES,
-    EpochSuggestion,
-    MemoryEstimate,
-    estimate_max_batch_size,
-    estimate_training_memory,
-    iterations_per_epoch,
-    suggest_max_epochs,
-    total_updates,
-)
+from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
+from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
 from .multi_metric_stopping import MultiMetricEarlyStopping
+from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
     ProgressiveResizing,
@@ -50,6 +46,7 @@ from .significance import significant_improvement, welch_t_test
 from .stopping_rules import evaluate_check, improved, improvement_margin
 
 __all__ = [
+    "ConfigurationError",
     "BatchSizeController",
     "BatchSizeWarmup",
     "BatchSizeSchedule",
@@ -59,8 +56,15 @@ __all__ = [
     "LearningCurveMonitor",
     "plot_learning_curves",
     "BatchSizeState",
+    "FitState",
     "batch_state",
-    "lr_path",
+    "fit_state",
+    "LRFactorCallback",
+    "LRPath",
+    "ScaledScheduler",
+    "EpochPlan",
+    "plan_epoch",
+    "simulate_fit",
     "WarmupSchedule",
     "MilestoneSchedule",
     "lr_scale",

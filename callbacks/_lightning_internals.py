@@ -27,6 +27,7 @@ __all__ = [
     "override_stepping_estimate",
     "logging_step",
     "is_logging_step",
+    "validates_by_time",
 ]
 
 
@@ -135,7 +136,7 @@ def set_train_epoch_length(trainer: pl.Trainer, num_batches: float) -> float:
         fetcher.done = fetcher.length == 0
     interval = trainer.val_check_interval
     if (
-        getattr(trainer, "_val_check_time_interval", None) is None
+        not validates_by_time(trainer)
         and isinstance(interval, float)
         and not math.isinf(limited)
     ):
@@ -183,3 +184,8 @@ def logging_step(trainer: pl.Trainer) -> int:
 def is_logging_step(trainer: pl.Trainer) -> bool:
     """Whether Lightning would log now (every ``log_every_n_steps``, or when stopping)."""
     return bool(trainer._logger_connector.should_update_logs)
+
+
+def validates_by_time(trainer: pl.Trainer) -> bool:
+    """Whether ``val_check_interval`` is a wall-time interval (``"00:05:00"``, a timedelta or a dict)."""
+    return getattr(trainer, "_val_check_time_interval", None) is not None

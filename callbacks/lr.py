@@ -1,102 +1,46 @@
-"""LR changes caused by batch size, warmup and sample-based schedules, through one LR path.
+"""LR changes caused by batch size, warmup and sample-based schedules: factors on the one LR path.
 
-Each callback here only computes a *factor* from trainer state and hands it to the Trainer's
-:class:`~epochwise.callbacks.engine.LRPath`, which writes ``lr = scheduler_lr x prod(factors)``
-into every param group. So the callbacks compose with each other and with any LR scheduler.
+Each callback here only computes a *factor* from trainer state; the fit's
+:class:`~epochwise.callbacks.lr_path.LRPath` writes ``lr = scheduler_lr x product(factors)`` into
+every param group, so the callbacks compose with each other and with any LR scheduler.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from ._checks import ConfigurationError, check_choice, check_int, check_number
 from ._lightning_internals import train_dataloaders
-from .engine import batch_state, lr_path
-from .schedules import (
-    check_unit,
-    cosine_factor,
-    linear_decay_factor,
-    linear_warmup_factor,
-    lr_scale,
-    one_cycle_factor,
-)
+from .engine import batch_length, fit_state
+from .lr_path import LRFactorCallback
+from .schedules import cosine_factor, linear_decay_factor, linear_warmup_factor, lr_scale, one_cycle_factor
 
 __all__ = ["LRScaling", "LRWarmup", "SampleBasedLRSchedule"]
 
 
-class _LRFactorCallback(Callback):
-    """Shared plumbing: attach the LR path at train start, set a factor and apply every batch."""
-
-    factor_name = "factor"
-
-    def __init__(self) -> None:
-        self._path_state: dict[str, Any] | None = None
-        self._path = None
-
-    def factor(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> float:
-        raise NotImplementedError
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = lr_path(trainer)
-        if self._path_state is not None:
-            # restored optimizer LRs are scaled values: recover the unscaled ones saved with them
-            path.load_state_dict(self._path_state)
-            self._path_state = None
-        path.attach(trainer)
-        self._path = path
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        path = lr_path(trainer)
-        path.set_factor(self.factor_name, self.factor(trainer, batch, batch_idx))
-        path.apply()
-        path.log(trainer)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"lr_path": self._path.state_dict() if self._path is not None else None}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._path_state = state_dict.get("lr_path")
-
-
-def _nominal_per_device(trainer: pl.Trainer, batch_idx: int) -> int:
-    """Planned per-device batch of this step: the controller's plan, else the loader's size."""
-    owner = batch_state(trainer).owner
-    if owner is not None and getattr(owner, "sampler", None) is not None:
-        return int(owner.nominal_batch_size(batch_idx))
-    loader = train_dataloaders(trainer)[0]
-    size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or loader.batch_size
-    if size is None:
-        raise RuntimeError("LRScaling needs a train DataLoader with a batch size (batch_size=None given)")
-    return int(size)
-
-
-class LRScaling(_LRFactorCallback):
+class LRScaling(LRFactorCallback):
     """Scale every param group's LR with the effective global batch size.
 
-    ``lr = base_lr x rule(global_batch / base_batch_size)``, with ``global_batch`` = per-device
-    batch x ``accumulate_grad_batches`` x world size, recomputed every step; ``base_lr`` is what
-    the optimizer and its schedulers would give without scaling, so the scale multiplies the
-    scheduler's value and never compounds. ``rule``: ``"linear"`` (Goyal et al. 2017),
-    ``"sqrt"`` (Krizhevsky 2014; Hoffer et al. 2017) or ``"none"``.
+    ``lr = base_lr x rule(global_batch / base_batch_size)``: ``global_batch`` is the scheduled
+    per-device batch of the current step x the accumulation x the world size (with a batch-size
+    controller, its plan; else the loader's batch size and ``trainer.accumulate_grad_batches``),
+    so it is right for every micro-batch of a step-unit warmup and counts the whole accumulated
+    batch. ``base_lr`` is what the optimizer and its schedulers give without scaling: the scale
+    multiplies the scheduler's value and never compounds. ``rule``: ``"linear"`` (Goyal et al.
+    2017), ``"sqrt"`` (Krizhevsky 2014; Hoffer et al. 2017) or ``"none"``.
 
     Args:
         rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
         base_batch_size: the global batch at which ``base_lr`` applies; default: the global
-            batch at the first step of the fit (kept across resumes).
+            batch at the first step of the fit (kept in the checkpoint).
 
-    Logged every step: ``lr/group{j}`` (effective LR), ``lr_factor/scaling``,
-    ``batch_size/global_for_lr``.
+    Logged (at Lightning's cadence and at each change): ``lr/group{j}``, ``lr_factor/scaling``.
 
     Example:
         >>> from epochwise.callbacks import BatchSizeWarmup
@@ -106,48 +50,67 @@ class LRScaling(_LRFactorCallback):
     """
 
     factor_name = "scaling"
+    discrete = True
 
     def __init__(self, rule: str = "linear", base_batch_size: int | None = None) -> None:
         super().__init__()
-        if rule not in ("linear", "sqrt", "none"):
-            raise ValueError(f"`rule` must be 'linear', 'sqrt' or 'none', got {rule!r}")
-        if base_batch_size is not None and (not isinstance(base_batch_size, int) or base_batch_size < 1):
-            raise ValueError(f"`base_batch_size` must be None or an int >= 1, got {base_batch_size!r}")
-        self.rule = rule
-        self.base_batch_size = base_batch_size
+        self.rule = check_choice("rule", rule, ("linear", "sqrt", "none"))
+        self.base_batch_size = check_int("base_batch_size", base_batch_size, minimum=1, optional=True)
         self.global_batch: int | None = None
+        self._base: int | None = None
 
-    def factor(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> float:
-        per_device = _nominal_per_device(trainer, batch_idx)
-        self.global_batch = per_device * int(trainer.accumulate_grad_batches) * trainer.world_size
-        if self.base_batch_size is None:
-            self.base_batch_size = self.global_batch
-        return lr_scale(self.rule, self.global_batch / self.base_batch_size)
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._base = self.base_batch_size  # the automatic base is per fit (a checkpoint restores it)
+            self.global_batch = None
+
+    def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        owner = fit_state(trainer).batch.owner  # type: ignore[union-attr]
+        if owner is not None and owner.plan is not None:
+            per_device, accumulation = owner.planned_size(batch_idx), owner.accumulation
+        else:
+            per_device, accumulation = _loader_batch_size(trainer), int(trainer.accumulate_grad_batches)
+        self.global_batch = per_device * accumulation * trainer.world_size
+        if self._base is None:
+            self._base = self.global_batch
+        return lr_scale(self.rule, self.global_batch / self._base)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "base_batch_size": self.base_batch_size}
+        return {**super().state_dict(), "base_batch_size": self._base}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if state_dict.get("base_batch_size") is not None:
-            self.base_batch_size = int(state_dict["base_batch_size"])
+        if state_dict.get("base_batch_size") is not None and self.base_batch_size is None:
+            self._base = int(state_dict["base_batch_size"])
 
 
-class LRWarmup(_LRFactorCallback):
+def _loader_batch_size(trainer: pl.Trainer) -> int:
+    loader = train_dataloaders(trainer)[0]
+    size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or getattr(loader, "batch_size", None)
+    if size is None:
+        raise ConfigurationError("LRScaling needs a train DataLoader with a batch size (batch_size=None given)")
+    return int(size)
+
+
+class LRWarmup(LRFactorCallback):
     """Gradual linear LR warmup (Goyal et al. 2017) from ``start_factor`` x LR to the full LR.
 
     Progress is derived from trainer state: optimizer steps (``unit="step"``) or fractional
     epochs (``unit="epoch"``: ``epoch + batch_idx / batches_per_epoch``, so the ramp is smooth
-    within an epoch). Composes with :class:`LRScaling` and any scheduler (factors multiply).
+    within an epoch and starts at ``start_factor`` on the first batch). Composes with
+    :class:`LRScaling` and any scheduler (factors multiply). ``unit="epoch"`` needs epochs of
+    known length (not an endless stream).
 
     Args:
-        duration: length of the warmup in ``unit``.
+        duration: length of the warmup in ``unit`` (> 0).
         unit: ``"epoch"`` or ``"step"``.
         start_factor: LR factor at the first step, in ``[0, 1]``.
 
-    Logged every step: ``lr/group{j}``, ``lr_factor/warmup``.
+    Logged (at Lightning's cadence): ``lr/group{j}``, ``lr_factor/warmup``.
 
     Example:
         >>> warmup = LRWarmup(duration=5, unit="epoch", start_factor=0.1)
@@ -157,21 +120,24 @@ class LRWarmup(_LRFactorCallback):
 
     def __init__(self, duration: float, unit: str = "epoch", start_factor: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(duration, (int, float)) or duration <= 0:
-            raise ValueError(f"`duration` must be a number > 0, got {duration!r}")
-        check_unit(unit)
-        if not 0.0 <= start_factor <= 1.0:
-            raise ValueError(f"`start_factor` must be in [0, 1], got {start_factor!r}")
-        self.duration = duration
-        self.unit = unit
-        self.start_factor = start_factor
+        self.duration = check_number("duration", duration, 0.0, low_inclusive=False)
+        self.unit = check_choice("unit", unit, ("epoch", "step"))
+        self.start_factor = check_number("start_factor", start_factor, 0.0, 1.0)
 
-    def factor(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> float:
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.unit == "epoch" and math.isinf(trainer.num_training_batches):
+            raise ConfigurationError(
+                "LRWarmup(unit='epoch') needs epochs of known length, but the train data is a stream "
+                "without __len__: use LRWarmup(unit='step')."
+            )
+        super().on_train_start(trainer, pl_module)
+
+    def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
         if self.unit == "step":
             progress = float(trainer.global_step)
         else:
-            per_epoch = max(1, int(trainer.num_training_batches))
-            progress = trainer.current_epoch + batch_idx / per_epoch
+            progress = trainer.current_epoch + batch_idx / max(1, int(trainer.num_training_batches))
         return linear_warmup_factor(progress, self.duration, self.start_factor)
 
 
@@ -182,21 +148,22 @@ _SHAPES: dict[str, Callable[..., float]] = {
 }
 
 
-class SampleBasedLRSchedule(_LRFactorCallback):
-    """Define an LR schedule over *samples seen* instead of steps.
+class SampleBasedLRSchedule(LRFactorCallback):
+    """An LR schedule over *samples seen* instead of steps.
 
     One-cycle and cosine schedules are normally laid out over a fixed number of optimizer steps;
     once the batch size changes, that number is wrong and the curve is cut short or stretched.
-    Here the factor is ``shape(samples_seen / total_samples)``, so the LR curve over the data is
-    the same whatever path the batch size takes. Use it instead of the module's own scheduler.
+    Here the factor of a batch is ``shape(samples seen before it / total_samples)``, so the LR
+    curve over the data is the same whatever path the batch size takes. Use it instead of the
+    module's own scheduler. Samples seen are counted over all ranks and checkpointed.
 
     Args:
         shape: ``"cosine"``, ``"linear"``, ``"onecycle"`` or any ``f(progress in [0, 1]) -> factor``.
-        total_samples: length of the schedule in (global) samples; default
-            ``max_epochs x len(train dataset)``.
+        total_samples: length of the schedule in (global) samples; default ``max_epochs x`` the
+            train dataset's length (a stream without length needs it given).
         **shape_kwargs: passed to the shape (e.g. ``min_factor=0.01``, ``pct_start=0.25``).
 
-    Logged every step: ``lr/group{j}``, ``lr_factor/samples``, ``samples_seen``.
+    Logged (at Lightning's cadence): ``lr/group{j}``, ``lr_factor/samples``.
 
     Example:
         >>> sched = SampleBasedLRSchedule("onecycle", total_samples=100_000, pct_start=0.25)
@@ -214,54 +181,85 @@ class SampleBasedLRSchedule(_LRFactorCallback):
     ) -> None:
         super().__init__()
         if isinstance(shape, str):
-            if shape not in _SHAPES:
-                raise ValueError(f"`shape` must be one of {sorted(_SHAPES)} or a callable, got {shape!r}")
+            check_choice("shape", shape, tuple(sorted(_SHAPES)))
+            for key, value in shape_kwargs.items():
+                check_number(key, value)
+            if "min_factor" in shape_kwargs:
+                check_number("min_factor", shape_kwargs["min_factor"], 0.0, 1.0)
             self.shape_fn: Callable[[float], float] = functools.partial(_SHAPES[shape], **shape_kwargs)
             try:
-                self.shape_fn(0.0)  # fail now on bad keyword arguments
-            except TypeError as err:
-                raise ValueError(f"bad keyword arguments {shape_kwargs} for shape {shape!r}: {err}") from None
+                probe = [self.shape_fn(p / 20) for p in range(21)]  # fail now on bad keyword arguments
+            except (TypeError, ZeroDivisionError) as err:
+                raise ConfigurationError(f"bad keyword arguments {shape_kwargs} for shape {shape!r}: {err}") from None
+            if not all(math.isfinite(v) and v >= 0 for v in probe):
+                raise ConfigurationError(f"shape {shape!r} with {shape_kwargs} gives negative or non-finite factors")
         elif callable(shape):
             if shape_kwargs:
-                raise ValueError(f"keyword arguments {sorted(shape_kwargs)} are only for named shapes")
+                raise ConfigurationError(f"keyword arguments {sorted(shape_kwargs)} are only for named shapes")
             self.shape_fn = shape
         else:
-            raise ValueError(f"`shape` must be a name or a callable, got {shape!r}")
-        if total_samples is not None and (not isinstance(total_samples, int) or total_samples < 1):
-            raise ValueError(f"`total_samples` must be None or an int >= 1, got {total_samples!r}")
-        self.total_samples = total_samples
-        self._samples_loaded: int | None = None
-        self._state = None
+            raise ConfigurationError(f"`shape` must be 'cosine', 'linear', 'onecycle' or a callable, got {shape!r}")
+        self.total_samples = check_int("total_samples", total_samples, minimum=1, optional=True)
+        self._total: int | None = None
+        self._loaded_samples: int | None = None
+        self._last_samples: int | None = None
+        self._this_batch = 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._total = self.total_samples
+            self._loaded_samples = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._state = state = batch_state(trainer)
-        if self._samples_loaded is not None and state.owner is None:
-            state.samples_seen = self._samples_loaded
-        self._samples_loaded = None
-        if self.total_samples is None:
-            if trainer.max_epochs is None or trainer.max_epochs < 1:
-                raise ValueError(
-                    "SampleBasedLRSchedule needs `total_samples` when the Trainer has no max_epochs"
-                )
+        state = fit_state(trainer)
+        if self._loaded_samples is not None and state.batch.owner is None:  # type: ignore[union-attr]
+            state.batch.samples_seen = self._loaded_samples  # type: ignore[union-attr]
+        self._loaded_samples = None
+        if self._total is None:
             dataset = train_dataloaders(trainer)[0].dataset
-            self.total_samples = int(trainer.max_epochs) * len(dataset)  # type: ignore[arg-type]
+            if trainer.max_epochs is None or trainer.max_epochs < 1 or not hasattr(dataset, "__len__"):
+                raise ConfigurationError(
+                    "SampleBasedLRSchedule needs `total_samples` when the Trainer has no max_epochs or the "
+                    "train data is a stream without __len__"
+                )
+            self._total = int(trainer.max_epochs) * len(dataset)
 
-    def factor(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> float:
-        state = batch_state(trainer)
-        n = state.observe_batch(trainer, batch, batch_idx)
-        before = state.samples_seen - n * trainer.world_size  # samples before this step's batch
-        return float(self.shape_fn(before / float(self.total_samples)))  # type: ignore[arg-type]
+    def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        state = fit_state(trainer)
+        before = state.batch.samples_seen  # type: ignore[union-attr]
+        if state.counted == (trainer.current_epoch, batch_idx):  # type: ignore[union-attr]
+            # the controller already counted this batch: go back to the samples before it
+            before -= self._this_batch * trainer.world_size
+        return float(self.shape_fn(before / float(self._total)))  # type: ignore[arg-type]
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._this_batch = batch_length(batch)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        fit_state(trainer).count_batch(trainer.current_epoch, batch_idx, self._this_batch)  # type: ignore[union-attr]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        samples = self._state.samples_seen if self._state is not None else 0
-        return {**super().state_dict(), "samples_seen": samples, "total_samples": self.total_samples}
+        state = super().state_dict()
+        fit = self._path is not None
+        samples = self._fit.batch.samples_seen if fit and self._fit is not None else self._last_samples
+        return {**state, "total_samples": self._total, "samples_seen": samples}
+
+    def _end_fit(self, trainer: pl.Trainer) -> None:
+        if self._fit is not None:
+            self._last_samples = self._fit.batch.samples_seen
+        super()._end_fit(trainer)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._samples_loaded = state_dict.get("samples_seen")
-        if state_dict.get("total_samples") is not None:
-            self.total_samples = int(state_dict["total_samples"])
+        if state_dict.get("samples_seen") is not None:
+            self._loaded_samples = int(state_dict["samples_seen"])
+        if state_dict.get("total_samples") is not None and self.total_samples is None:
+            self._total = int(state_dict["total_samples"])

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from ._lightning_internals import train_dataloaders
-from ._logging import log_scalars
+from ._checks import ConfigurationError
+from ._logging import CadenceLog
 from .batch_size import BatchSizeController
 
 __all__ = [
@@ -532,10 +532,10 @@ class ProgressiveResizing(BatchSizeController):
         self.full_size: tuple[int, int] | None = None if full_size is None else _as_hw(full_size, "full_size")
         self.min_batch_size = min_batch_size
         self.max_batch_size = max_batch_size
+        self._resize_log = CadenceLog(watch=("progressive_resizing/size",))
         self._full_hw: tuple[int, int] | None = None  # full size in force during this fit
         self._loaded_full_hw: tuple[int, int] | None = None
         self._max_epochs: int | None = None
-        self._dataset_length: int | None = None
 
     # -- the schedule -------------------------------------------------------------------------
     def image_size(self, epoch: int, full_size: SizeLike, fraction: float = 0.0) -> tuple[int, int]:
@@ -564,7 +564,7 @@ class ProgressiveResizing(BatchSizeController):
         if self._full_hw is None or self.loader_batch_size is None:
             raise RuntimeError("ProgressiveResizing: the coupled batch size is known from on_train_start on")
         size = self.image_size(epoch, self._full_hw)
-        upper = self.max_batch_size if self.max_batch_size is not None else self._dataset_length
+        upper = self.max_batch_size if self.max_batch_size is not None else self._samples
         if upper is not None:
             upper = max(upper, self.min_batch_size)
         return coupled_batch_size(
@@ -579,12 +579,15 @@ class ProgressiveResizing(BatchSizeController):
         max_epochs = trainer.max_epochs
         if isinstance(self.schedule, ContinuousResizeSchedule):
             if max_epochs is None or max_epochs < 1:
-                raise ValueError(
+                raise ConfigurationError(
                     "ProgressiveResizing's continuous schedule measures progress as epochs / max_epochs, "
                     f"but the Trainer has max_epochs={max_epochs}. Set Trainer(max_epochs=N) or use "
                     "`stages=[(start_epoch, image_size), ...]`."
                 )
         self._max_epochs = max_epochs if max_epochs is not None and max_epochs > 0 else None
+        self._full_hw = self.full_size  # per fit; the coupled fit reads it from the data or a checkpoint
+        self._loaded_full_hw = None
+        self._resize_log.reset()
         if not self.couple_batch_size:
             return  # not the batch-size owner: leave the engine to whoever owns it
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
@@ -592,39 +595,31 @@ class ProgressiveResizing(BatchSizeController):
                 continue
             if isinstance(cb, ProgressiveResizing) and not cb.couple_batch_size:
                 continue
-            raise ValueError(
+            raise ConfigurationError(
                 f"ProgressiveResizing(couple_batch_size=True) owns the batch size, but "
                 f"{type(cb).__name__} controls it too. Pass couple_batch_size=False to "
                 f"ProgressiveResizing to keep {type(cb).__name__}'s schedule, or remove it."
             )
         super().setup(trainer, pl_module, stage)
 
+    def _wrap_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
+        # the coupled batch needs the full image size before the first epoch is planned
+        if self._full_hw is None:
+            self._full_hw = self._loaded_full_hw
+        if self._full_hw is None:
+            try:
+                self._full_hw = _sample_hw(loader.dataset, self.input_key)
+            except Exception as err:  # any dataset: say what to do instead
+                raise ConfigurationError(
+                    "ProgressiveResizing could not read the full image size from the first "
+                    f"training sample ({err}); pass full_size=<side> or (height, width)"
+                ) from err
+        return super()._wrap_loader(trainer, loader)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._full_hw = self.full_size
-        if not self.couple_batch_size:
-            return
-        loaders = train_dataloaders(trainer)
-        if len(loaders) == 1:
-            loader = loaders[0]
-            if self._full_hw is None:
-                self._full_hw = self._loaded_full_hw
-            if self._full_hw is None:
-                try:
-                    self._full_hw = _sample_hw(loader.dataset, self.input_key)
-                except Exception as err:  # any dataset: say what to do instead
-                    raise ValueError(
-                        "ProgressiveResizing could not read the full image size from the first "
-                        f"training sample ({err}); pass full_size=<side> or (height, width)"
-                    ) from err
-            batch_sampler = getattr(loader, "batch_sampler", None)
-            sampler = getattr(batch_sampler, "sampler", None)
-            try:
-                self._dataset_length = len(sampler) if sampler is not None else None  # type: ignore[arg-type]
-            except TypeError:
-                self._dataset_length = None
-        self._loaded_full_hw = None
-        super().on_train_start(trainer, pl_module)
+        if self.couple_batch_size:
+            super().on_train_start(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -632,12 +627,21 @@ class ProgressiveResizing(BatchSizeController):
             super().on_train_epoch_start(trainer, pl_module)
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.couple_batch_size:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         images = _find_images(batch, self.input_key)
         full = (int(images.shape[-2]), int(images.shape[-1]))
-        if self._full_hw is not None and full != self._full_hw:
+        if self._full_hw is None:  # uncoupled: the first training batch tells the full size
+            self._full_hw = full
+        if full != self._full_hw:
             raise ValueError(
                 f"ProgressiveResizing: training images are {full[0]}x{full[1]} but the full size is "
                 f"{self._full_hw[0]}x{self._full_hw[1]} (from `full_size` or the first sample); "
@@ -653,8 +657,9 @@ class ProgressiveResizing(BatchSizeController):
             size = self.image_size(trainer.current_epoch, full, fraction)
         if size != full:
             batch[self.input_key] = resize_batch(images, size, self.mode, self.antialias)
-        scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))
-        log_scalars(trainer, {"progressive_resizing/size": float(size[0]), "progressive_resizing/scale": scale})
+        if trainer.loggers:
+            scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))
+            self._resize_log(trainer, {"progressive_resizing/size": float(size[0]), "progressive_resizing/scale": scale})
         if self.couple_batch_size:
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._checks import ConfigurationError, check_choice, check_int, check_number
+
 __all__ = [
     "WarmupSchedule",
     "MilestoneSchedule",
@@ -27,14 +29,7 @@ Unit = Literal["epoch", "step"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-
-
-def check_unit(unit: str) -> None:
-    """Raise ``ValueError`` unless ``unit`` is ``"epoch"`` or ``"step"``."""
-    if unit not in ("epoch", "step"):
-        raise ValueError(f"`unit` must be 'epoch' or 'step', got {unit!r}")
+    check_int(name, value, minimum=minimum)
 
 
 @dataclass(frozen=True)
@@ -64,18 +59,16 @@ class WarmupSchedule:
         _check_int("start", self.start, 1)
         _check_int("end", self.end, 1)
         if self.end < self.start:
-            raise ValueError(f"`end` must be >= `start` (got end={self.end}, start={self.start})")
+            raise ConfigurationError(f"`end` must be >= `start` (got end={self.end}, start={self.start})")
         _check_int("interval", self.interval, 1)
-        if self.mode not in ("exponential", "linear"):
-            raise ValueError(f"`mode` must be 'exponential' or 'linear', got {self.mode!r}")
+        check_choice("mode", self.mode, ("exponential", "linear"))
         if self.mode == "exponential":
-            if not isinstance(self.factor, (int, float)) or not self.factor > 1:
-                raise ValueError(f"`factor` must be a number > 1 for mode='exponential', got {self.factor!r}")
+            check_number("factor", self.factor, 1.0, low_inclusive=False)
             if self.increment is not None:
-                raise ValueError(f"`increment` is only for mode='linear', got increment={self.increment!r}")
+                raise ConfigurationError(f"`increment` is only for mode='linear', got increment={self.increment!r}")
         else:
             if self.increment is None:
-                raise ValueError("`increment` is required for mode='linear' (got None)")
+                raise ConfigurationError("`increment` is required for mode='linear' (got None)")
             _check_int("increment", self.increment, 1)
 
     def __call__(self, t: int) -> int:
@@ -113,12 +106,14 @@ class MilestoneSchedule:
 
     def __post_init__(self) -> None:
         if not isinstance(self.milestones, Mapping) or not self.milestones:
-            raise ValueError(f"`milestones` must be a non-empty dict {{start: batch_size}}, got {self.milestones!r}")
+            raise ConfigurationError(
+                f"`milestones` must be a non-empty dict {{start: batch_size}}, got {self.milestones!r}"
+            )
         for k, v in self.milestones.items():
             if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-                raise ValueError(f"`milestones` keys must be ints >= 0, got {k!r}")
+                raise ConfigurationError(f"`milestones` keys must be ints >= 0, got {k!r}")
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`milestones` values must be ints >= 1, got {v!r} at {k}")
+                raise ConfigurationError(f"`milestones` values must be ints >= 1, got {v!r} at {k}")
         # a private, sorted copy: never mutate the caller's dict
         object.__setattr__(self, "milestones", dict(sorted(self.milestones.items())))
         object.__setattr__(self, "_keys", tuple(self.milestones))
@@ -147,7 +142,7 @@ def lr_scale(rule: str, ratio: float) -> float:
         return math.sqrt(ratio)
     if rule == "none":
         return 1.0
-    raise ValueError(f"`rule` must be 'linear', 'sqrt' or 'none', got {rule!r}")
+    raise ConfigurationError(f"`rule` must be 'linear', 'sqrt' or 'none', got {rule!r}")
 
 
 def linear_warmup_factor(progress: float, duration: float, start_factor: float = 0.0) -> float:

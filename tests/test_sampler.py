@@ -1,10 +1,13 @@
-"""ResizableBatchSampler on its own."""
+"""ResizableBatchSampler and SeededRandomSampler on their own."""
+
+import pickle
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
-from epochwise.datamodules.sampler import ResizableBatchSampler
+from epochwise.datamodules.sampler import ResizableBatchSampler, SeededRandomSampler, epoch_seed
 
 
 def test_sizes_len_and_drop_last():
@@ -17,6 +20,15 @@ def test_sizes_len_and_drop_last():
     assert [len(b) for b in bs] == [3, 5] and len(bs) == 2
     bs.drop_last = False
     assert [len(b) for b in bs] == [3, 5, 2] and len(bs) == 3
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_len_counts_a_final_batch_that_fits_exactly(drop_last):
+    bs = ResizableBatchSampler(SequentialSampler(range(12)), batch_size=5, drop_last=drop_last)
+    bs.plan = lambda i: [4, 4, 4, 9][i]  # 12 samples: three full batches, nothing left
+    assert len(bs) == 3 == len(list(bs))
+    bs.plan = lambda i: [4, 4, 5, 5][i]  # the third one is short by one
+    assert len(bs) == (2 if drop_last else 3) == len(list(bs))
 
 
 def test_change_mid_iteration_takes_effect_at_next_batch():
@@ -34,41 +46,73 @@ def test_bad_plan_value_is_loud():
         list(bs)
 
 
-def test_adopt_in_place_keeps_loader_and_settings():
-    loader = DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True)
-    original = loader.batch_sampler
-    adopted = ResizableBatchSampler.adopt(original, seed=7)
-    assert adopted is original and loader.batch_sampler is adopted
-    assert isinstance(loader.batch_sampler, ResizableBatchSampler) and adopted.drop_last
-    adopted.batch_size = 4
-    assert [len(b) for b in loader] == [4, 4]
-    assert ResizableBatchSampler.adopt(adopted) is adopted
+def test_start_batch_skips_the_trained_part_once_and_len_counts_the_epoch():
+    bs = ResizableBatchSampler(SequentialSampler(range(10)), batch_size=3)
+    bs.plan = lambda i: i + 1  # 1, 2, 3, 4 -> [0], [1, 2], [3, 4, 5], [6, 7, 8, 9]
+    bs.start_batch = 2
+    assert list(bs) == [[3, 4, 5], [6, 7, 8, 9]] and len(bs) == 4
+    assert len(list(bs)) == 4  # the offset held for one iteration only
 
 
-def test_adopt_refuses_custom_batch_samplers():
-    class Bucketing(BatchSampler):
-        pass
+def test_plain_random_sampler_is_never_touched_and_order_is_seed_and_epoch():
+    inner = RandomSampler(range(50))
+    before = dict(inner.__dict__)
 
-    with pytest.raises(TypeError, match="custom batch sampler"):
-        ResizableBatchSampler.adopt(Bucketing(SequentialSampler(range(4)), 2, False))
-
-
-def test_set_epoch_reseeds_random_sampler_deterministically():
-    def order(epoch):
-        bs = ResizableBatchSampler(RandomSampler(range(50)), batch_size=10, seed=3)
+    def order(seed, epoch):
+        bs = ResizableBatchSampler(inner, batch_size=10, seed=seed)
         bs.set_epoch(epoch)
         return list(bs)
 
-    assert order(1) == order(1)
-    assert order(1) != order(2)
+    assert order(3, 1) == order(3, 1)
+    assert order(3, 1) != order(3, 2) and order(3, 1) != order(4, 1)
+    assert sorted(sum(order(3, 1), [])) == list(range(50))
+    assert inner.__dict__ == before and inner.generator is None
+
+
+def test_without_seed_a_random_sampler_is_iterated_as_it_is():
+    torch.manual_seed(0)
+    a = list(ResizableBatchSampler(RandomSampler(range(20)), batch_size=5))
+    torch.manual_seed(0)
+    b = list(ResizableBatchSampler(RandomSampler(range(20)), batch_size=5))
+    assert a == b  # the global RNG decides, as for a plain BatchSampler
 
 
 def test_set_epoch_forwards_to_distributed_sampler():
-    from torch.utils.data.distributed import DistributedSampler
-
     ds = list(range(8))
     sampler = DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=0)
     bs = ResizableBatchSampler(sampler, batch_size=2)
     bs.set_epoch(5)
     assert sampler.epoch == 5
     assert torch.tensor(sum(list(bs), [])).unique().numel() == 4
+
+
+def test_drives_a_stream_and_has_no_length():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(100))
+
+    loader = DataLoader(Stream(), batch_size=4)
+    bs = ResizableBatchSampler(loader.batch_sampler.sampler, batch_size=4)
+    bs.plan = lambda i: 2 + i
+    it = iter(bs)
+    assert [len(next(it)) for _ in range(3)] == [2, 3, 4]
+    with pytest.raises(TypeError):
+        len(bs)
+
+
+def test_seeded_random_sampler_is_a_function_of_seed_and_epoch_only():
+    s = SeededRandomSampler(range(30), seed=5)
+    first = list(s)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert list(s) == first
+    s.set_epoch(1)
+    second = list(s)
+    assert second != first and sorted(second) == list(range(30))
+    assert list(pickle.loads(pickle.dumps(s))) == second
+    assert isinstance(s, RandomSampler)  # Lightning treats the loader as shuffled
+    assert list(SeededRandomSampler(range(30), seed=6)) != first
+
+
+def test_epoch_seed_mixes_seed_and_epoch():
+    pairs = {(s, e) for s in range(20) for e in range(20)}
+    assert len({epoch_seed(s, e) for s, e in pairs}) == len(pairs)
