@@ -230,15 +230,16 @@ class TrainingBudget(Callback):
             self.flops += samples * per_sample
         fractions = self.fractions()
         spent = [name for name, f in fractions.items() if f >= 1.0]
-        if spent and not self.stopped:
+        first_stop = bool(spent) and not self.stopped
+        if first_stop:
             self.stopped = True
             detail = ", ".join(f"{n} {self._used(n):.6g} >= {self._limit(n):.6g}" for n in spent)
             self.stopping_reason_message = f"Training budget spent: {detail}. Signaling Trainer to stop."
             if self.verbose:
                 rank_zero_info(self.stopping_reason_message)
-        if spent:
+        if spent:  # again at every batch min_epochs/min_steps still make Lightning run
             trainer.should_stop = True
-        self._log(trainer, self._metrics(fractions), force=bool(spent))
+        self._log(trainer, self._metrics(fractions), force=first_stop)
 
     def _used(self, name: str) -> float:
         return {"samples": self.samples_seen, "optimizer_steps": self.optimizer_steps, "flops": self.flops or 0.0}[name]

@@ -104,7 +104,7 @@ def test_defect8_no_hand_written_distribution_code_and_no_monolith():
     assert not hasattr(cbs, "student_t_cdf")
     folder = Path(cbs.__file__).parent
     for name in ("stopping", "early_stopping", "multi_metric_stopping", "best_weights", "metric_tracking",
-                 "significance", "stopping_rules", "budget", "curves", "ensembles"):
+                 "significance", "stopping_rules", "budget", "curves", "curve_diagnosis", "ensembles"):
         source = (folder / f"{name}.py").read_text()
         assert len(source.splitlines()) < 500, name
         for needle in ("lgamma", "betacf", "incomplete_beta", "def _mean_var"):
