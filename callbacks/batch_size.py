@@ -27,13 +27,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import BatchSampler, IterableDataset
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
-from epochwise.datamodules.sampler import ResizableBatchSampler
+from epochwise.datamodules.sampler import ResizableBatchSampler, is_plain_batch_sampler
 
 from ._checks import ConfigurationError, check_choice, check_int
 from ._lightning_internals import (
+    detach_callback,
     intercept_train_dataloaders,
     override_stepping_estimate,
     pending_loader_states,
@@ -42,8 +43,8 @@ from ._lightning_internals import (
     set_train_epoch_length,
     validates_by_time,
 )
-from ._logging import CadenceLog, log_metrics
-from .engine import FitState, batch_length, fit_state, release_fit_state
+from ._logging import CadenceLog
+from .engine import FitState, batch_length, fit_state, length_or_none, release_fit_state
 from .plans import EpochPlan, FitStep, plan_epoch, simulate_fit
 from .schedules import MilestoneSchedule, Unit, WarmupSchedule
 
@@ -221,17 +222,16 @@ class BatchSizeController(Callback):
                 f"{name} needs a train DataLoader that makes batches (DataLoader(batch_size=N)); this "
                 "one has batch_size=None. Build it with batch_size=..., or remove the callback."
             )
-        if type(batch_sampler) not in (BatchSampler, ResizableBatchSampler):
+        if not is_plain_batch_sampler(batch_sampler):
             raise ConfigurationError(
                 f"{name} can resize only a plain torch.utils.data.BatchSampler, but the train "
                 f"DataLoader uses {type(batch_sampler).__name__}. Build the DataLoader with "
                 "batch_size=... (and shuffle/sampler) instead of batch_sampler=..."
             )
         stream = isinstance(getattr(loader, "dataset", None), IterableDataset)
-        try:
-            samples: int | None = len(batch_sampler.sampler)
-        except TypeError:
-            samples = len(loader.dataset) if stream and hasattr(loader.dataset, "__len__") else None
+        samples = length_or_none(batch_sampler.sampler)
+        if samples is None and stream:
+            samples = length_or_none(loader.dataset)
         if samples is None and self.unit == "epoch":
             raise ConfigurationError(
                 f"{name}(unit='epoch') needs to know how many samples an epoch has, but the train data "
@@ -416,7 +416,6 @@ class BatchSizeController(Callback):
             restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
         self._validate_fit(trainer)
         self._loaded = None
-        self._log_now(trainer, force=True)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -440,7 +439,7 @@ class BatchSizeController(Callback):
         if trainer.loggers:
             self._log_now(trainer)
 
-    def _log_now(self, trainer: pl.Trainer, force: bool = False) -> None:
+    def _log_now(self, trainer: pl.Trainer) -> None:
         batch = self._fit.batch  # type: ignore[union-attr]
         self._log(
             trainer,
@@ -450,7 +449,6 @@ class BatchSizeController(Callback):
                 "batch_size/accumulation": float(batch.accumulation),
                 "samples_seen": float(batch.samples_seen),
             },
-            force=force,
         )
 
     @override
@@ -469,6 +467,7 @@ class BatchSizeController(Callback):
         self._end_fit(trainer)
 
     def _end_fit(self, trainer: pl.Trainer) -> None:
+        detach_callback(self)
         if self._fit is None:
             return
         self._last_state = self.state_dict()

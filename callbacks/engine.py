@@ -29,7 +29,15 @@ import torch
 if TYPE_CHECKING:
     from .lr_path import LRPath
 
-__all__ = ["BatchSizeState", "FitState", "fit_state", "release_fit_state", "batch_state", "batch_length"]
+__all__ = [
+    "BatchSizeState",
+    "FitState",
+    "fit_state",
+    "release_fit_state",
+    "batch_state",
+    "batch_length",
+    "length_or_none",
+]
 
 
 @dataclass
@@ -143,3 +151,11 @@ def batch_length(batch: Any) -> int:
         except TypeError:
             continue
     raise TypeError("cannot find a tensor in the batch to count its samples")
+
+
+def length_or_none(obj: Any) -> int | None:
+    """``len(obj)``, or ``None`` for something without a length (an endless stream)."""
+    try:
+        return len(obj)
+    except TypeError:
+        return None

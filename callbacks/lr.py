@@ -17,9 +17,15 @@ from typing_extensions import override
 
 from ._checks import ConfigurationError, check_choice, check_int, check_number
 from ._lightning_internals import train_dataloaders
-from .engine import batch_length, fit_state
+from .engine import batch_length, fit_state, length_or_none
 from .lr_path import LRFactorCallback
-from .schedules import cosine_factor, linear_decay_factor, linear_warmup_factor, lr_scale, one_cycle_factor
+from .schedules import (
+    cosine_factor,
+    linear_decay_factor,
+    linear_warmup_factor,
+    lr_scale,
+    one_cycle_factor,
+)
 
 __all__ = ["LRScaling", "LRWarmup", "SampleBasedLRSchedule"]
 
@@ -220,13 +226,13 @@ class SampleBasedLRSchedule(LRFactorCallback):
             state.batch.samples_seen = self._loaded_samples  # type: ignore[union-attr]
         self._loaded_samples = None
         if self._total is None:
-            dataset = train_dataloaders(trainer)[0].dataset
-            if trainer.max_epochs is None or trainer.max_epochs < 1 or not hasattr(dataset, "__len__"):
+            length = length_or_none(train_dataloaders(trainer)[0].dataset)
+            if trainer.max_epochs is None or trainer.max_epochs < 1 or length is None:
                 raise ConfigurationError(
                     "SampleBasedLRSchedule needs `total_samples` when the Trainer has no max_epochs or the "
                     "train data is a stream without __len__"
                 )
-            self._total = int(trainer.max_epochs) * len(dataset)
+            self._total = int(trainer.max_epochs) * length
 
     def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
         state = fit_state(trainer)

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ._checks import ConfigurationError
-from ._lightning_internals import is_logging_step, logging_step
+from ._lightning_internals import detach_callback, is_logging_step, logging_step
 from ._logging import log_metrics
 from .engine import FitState, fit_state, release_fit_state
 
@@ -301,6 +301,7 @@ class LRFactorCallback(Callback):
         self._end_fit(trainer)
 
     def _end_fit(self, trainer: pl.Trainer) -> None:
+        detach_callback(self)
         if self._path is not None:
             self._last_state = self.state_dict()["lr_path"]
         self._path = self._fit = None

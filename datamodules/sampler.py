@@ -14,7 +14,21 @@ from itertools import islice
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
-__all__ = ["ResizableBatchSampler", "SeededRandomSampler", "epoch_seed"]
+__all__ = ["ResizableBatchSampler", "SeededRandomSampler", "epoch_seed", "is_plain_batch_sampler"]
+
+# torchdata's StatefulDataLoader swaps in look-alikes of these two; named here, never imported
+_TORCHDATA = "torchdata.stateful_dataloader.sampler"
+
+
+def _is(obj: object, torch_class: type, name: str) -> bool:
+    cls = type(obj)
+    return cls is torch_class or (cls.__module__ == _TORCHDATA and cls.__name__ == name)
+
+
+def is_plain_batch_sampler(batch_sampler: object) -> bool:
+    """Whether ``batch_sampler`` only cuts its sampler into equal chunks (so resizing loses nothing):
+    ``torch.utils.data.BatchSampler``, torchdata's stateful look-alike, or a ResizableBatchSampler."""
+    return isinstance(batch_sampler, ResizableBatchSampler) or _is(batch_sampler, BatchSampler, "BatchSampler")
 
 #: 2**61 - 1, a Mersenne prime: mixes (seed, epoch) into one generator seed.
 _PRIME = (1 << 61) - 1
@@ -152,11 +166,11 @@ class ResizableBatchSampler(BatchSampler):
 
     def _epoch_indices(self) -> Iterator[int]:
         inner = self.sampler
-        if type(inner) is RandomSampler and self.seed is not None and not callable(getattr(inner, "set_epoch", None)):
+        if _is(inner, RandomSampler, "RandomSampler") and self.seed is not None:
             private = RandomSampler(
                 inner.data_source,
                 replacement=inner.replacement,
-                num_samples=inner._num_samples,
+                num_samples=inner._num_samples,  # type: ignore[attr-defined]
                 generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)),
             )
             return iter(private)
