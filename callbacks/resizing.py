@@ -24,11 +24,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from ._checks import ConfigurationError
 from ._logging import CadenceLog
 from .batch_size import BatchSizeController
+from .engine import length_or_none
 
 __all__ = [
     "resize_batch",
@@ -603,6 +605,13 @@ class ProgressiveResizing(BatchSizeController):
         super().setup(trainer, pl_module, stage)
 
     def _wrap_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
+        if isinstance(loader.dataset, IterableDataset) and length_or_none(loader.dataset) is None:
+            raise ConfigurationError(
+                "ProgressiveResizing(couple_batch_size=True) couples the batch to the image size per epoch "
+                "and needs epochs of known length, but the train data is a stream without __len__. Use "
+                "couple_batch_size=False (with a BatchSizeWarmup(unit='step') if the batch should grow), or "
+                "give the dataset a __len__."
+            )
         # the coupled batch needs the full image size before the first epoch is planned
         if self._full_hw is None:
             self._full_hw = self._loaded_full_hw
