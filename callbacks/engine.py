@@ -46,6 +46,10 @@ class BatchSizeState:
 
     ``per_device`` is the *scheduled* size of the current batch (a short last batch of an epoch
     does not change it); ``samples_seen`` counts the samples actually trained on, over all ranks.
+
+    Example:
+        >>> BatchSizeState(per_device=32, accumulation=4, world_size=2).global_batch
+        256
     """
 
     per_device: int | None = None
@@ -64,7 +68,14 @@ class BatchSizeState:
 
 @dataclass
 class FitState:
-    """Everything epochwise shares during one fit of one Trainer (see the module docstring)."""
+    """Everything epochwise shares during one fit of one Trainer (see the module docstring).
+
+    Example:
+        >>> state = FitState()
+        >>> state.count_batch(epoch=0, batch_idx=0, size=8); state.count_batch(0, 0, 8)
+        >>> state.batch.samples_seen  # a batch counts once, whoever reports it
+        8
+    """
 
     batch: BatchSizeState = field(default_factory=BatchSizeState)
     lr: LRPath | None = None

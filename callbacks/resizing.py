@@ -144,7 +144,12 @@ def resize_batch(images: Tensor, size: SizeLike, mode: str = "resize", antialias
 # the pure schedules
 # ---------------------------------------------------------------------------------------------
 class ResizeStage(NamedTuple):
-    """One stage of a :class:`StagedResizeSchedule`: from ``start_epoch`` on, ``image_size`` px."""
+    """One stage of a :class:`StagedResizeSchedule`: from ``start_epoch`` on, ``image_size`` px.
+
+    Example:
+        >>> ResizeStage(start_epoch=4, image_size=24).batch_size is None
+        True
+    """
 
     start_epoch: int
     image_size: int
