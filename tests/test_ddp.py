@@ -15,7 +15,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 import epochwise.callbacks
-from epochwise.callbacks import BatchSizeWarmup, LRScaling, LRWarmup, SampleBasedLRSchedule, batch_state
+from epochwise.callbacks import (
+    BatchSizeWarmup,
+    LRScaling,
+    LRWarmup,
+    SampleBasedLRSchedule,
+    batch_state,
+)
 
 from conftest import RecordingModule, quiet_trainer
 
@@ -111,7 +117,7 @@ def test_two_process_ddp_same_plan_lr_samples_weights_and_no_per_step_collective
     # the same plan, global batch and LR at every step on both ranks
     assert [r[:7] for r in r0] == [r[:7] for r in r1]
     sizes = {}
-    for epoch, step, _, n, glob, lr, _, _ in r0:
+    for epoch, _, _, n, glob, _, _, _ in r0:
         sizes.setdefault(epoch, []).append(n)
         assert glob == 2 * {0: 4, 1: 8, 2: 16}[epoch]  # 16 = 2 micro-batches of 8 per rank
     assert sizes == {0: [4] * 12, 1: [8] * 6, 2: [8] * 6}

@@ -166,7 +166,7 @@ def test_fact_14_logging_cadence_and_step_are_lightnings():
 def test_fact_15_the_stepping_estimate_can_be_made_exact_until_undone():
     class Estimating(RecordingModule):
         def configure_optimizers(self):
-            self.trainer.estimated_stepping_batches  # builds the loader (as the engine's interception does)
+            _ = self.trainer.estimated_stepping_batches  # builds the loader (as the engine's interception does)
             undo = override_stepping_estimate(self.trainer, 17)
             self.estimate = self.trainer.estimated_stepping_batches
             undo()
