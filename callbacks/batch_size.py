@@ -17,7 +17,6 @@ the same index sampler — before Lightning measures it or starts its workers. S
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -30,7 +29,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 from typing_extensions import override
 
-from epochwise.datamodules.sampler import ResizableBatchSampler, is_plain_batch_sampler
+from epochwise.datamodules.sampler import (
+    ResizableBatchSampler,
+    close_loader,
+    is_plain_batch_sampler,
+    resizable_copy,
+)
 
 from ._checks import ConfigurationError, check_choice, check_int
 from ._lightning_internals import (
@@ -228,7 +232,7 @@ class BatchSizeController(Callback):
                 f"DataLoader uses {type(batch_sampler).__name__}. Build the DataLoader with "
                 "batch_size=... (and shuffle/sampler) instead of batch_sampler=..."
             )
-        stream = isinstance(getattr(loader, "dataset", None), IterableDataset)
+        stream = isinstance(loader.dataset, IterableDataset)
         samples = length_or_none(batch_sampler.sampler)
         if samples is None and stream:
             samples = length_or_none(loader.dataset)
@@ -248,14 +252,8 @@ class BatchSizeController(Callback):
             self._seed_in_use = self.seed if self.seed is not None else (
                 int(loaded_seed) if loaded_seed is not None else int(torch.initial_seed()) % (1 << 62)
             )
-        sampler = ResizableBatchSampler(
-            batch_sampler.sampler, self._loader_batch_size, batch_sampler.drop_last, seed=self._seed_in_use
-        )
-        twin = copy.copy(loader)  # same class and settings: a stateful loader stays stateful
-        twin.__dict__["batch_sampler"] = sampler
-        twin.__dict__["_iterator"] = None
-        if stream:  # its len() would divide by the user's batch size: the engine sets the length
-            twin.__dict__["batch_size"] = None
+        twin = resizable_copy(loader, self._loader_batch_size, seed=self._seed_in_use)
+        sampler = twin.batch_sampler
         self._give_back_loader(trainer)  # a reload: the previous twin is finished
         self._original, self._twin, self._sampler, self._samples = loader, twin, sampler, samples
         self._plan_key = None
@@ -275,10 +273,7 @@ class BatchSizeController(Callback):
         if twin is None:
             return
         replace_train_dataloader(trainer, twin, original)
-        iterator = twin.__dict__.get("_iterator")
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()  # persistent workers of the twin: not the user's to keep
-        twin.__dict__["_iterator"] = None
+        close_loader(twin)  # persistent workers of the twin: not the user's to keep
         self._twin = self._original = None
 
     # -- planning -------------------------------------------------------------------------------
