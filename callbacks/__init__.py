@@ -8,7 +8,8 @@ from .batch_memory import (
     estimate_training_memory,
     probe_max_per_device,
 )
-from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup
+from .batch_size import BatchSizeSchedule, BatchSizeWarmup
+from .controller import BatchSizeController
 from .budget import TrainingBudget, budget_fractions
 from .curves import (
     DIAGNOSES,
