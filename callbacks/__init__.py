@@ -28,7 +28,7 @@ from .ensembles import (
 )
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
-from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .lr_path import LRFactorCallback, LRMonitor, LRPath, ScaledScheduler
 from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
@@ -67,6 +67,7 @@ __all__ = [
     "batch_state",
     "fit_state",
     "LRFactorCallback",
+    "LRMonitor",
     "LRPath",
     "ScaledScheduler",
     "EpochPlan",
