@@ -9,8 +9,8 @@ from .batch_memory import (
     probe_max_per_device,
 )
 from .batch_size import BatchSizeSchedule, BatchSizeWarmup
-from .controller import BatchSizeController
 from .budget import TrainingBudget, budget_fractions
+from .controller import BatchSizeController
 from .curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,

@@ -112,8 +112,10 @@ class LRPath:
         self.optimizers: list[Optimizer] = []
         self.attached = False
         self._logged_step = -1
+        self._checked_step = -1
         self._logged_discrete: dict[str, float] = {}
         self._jumped = False
+        self._applied_product: float | None = None
 
     # -- membership -----------------------------------------------------------------------------
     def register(self, name: str, owner: str, discrete: bool = False) -> None:
@@ -184,11 +186,17 @@ class LRPath:
                 self.unscaled[key] = float(group["lr"])
 
     def apply(self) -> None:
-        """Write ``unscaled x product`` into every param group."""
-        self.sync_unscaled()
+        """Write ``unscaled x product`` into every param group (nothing to do when no factor and
+        no LR changed since the last write: the common case, checked cheaply every batch)."""
         product = self.product
+        if product == self._applied_product and all(
+            group["lr"] == self.written.get(key) for key, group in self._groups()
+        ):
+            return
+        self.sync_unscaled()
         for key, group in self._groups():
             group["lr"] = self.written[key] = self.unscaled[key] * product
+        self._applied_product = product
 
     def unapply(self, optimizer: Optimizer) -> None:
         """Put the unscaled LRs back into ``optimizer`` (around a scheduler step)."""
@@ -215,8 +223,9 @@ class LRPath:
         if not trainer.loggers:
             return
         step = logging_step(trainer)
-        if step == self._logged_step:
+        if step == self._checked_step:  # several LR callbacks ask at every step: decide once
             return
+        self._checked_step = step
         jumped = (
             self._jumped
             or self._logged_step < 0  # the LRs a fit starts with
