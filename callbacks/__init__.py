@@ -8,9 +8,10 @@ from .batch_memory import (
     estimate_training_memory,
     probe_max_per_device,
 )
-from .batch_size import BatchSizeController, BatchSizeSchedule, BatchSizeWarmup
+from .batch_size import BatchSizeSchedule, BatchSizeWarmup
 from .best_weights import BestWeights
 from .budget import TrainingBudget, budget_fractions
+from .controller import BatchSizeController
 from .curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,
@@ -29,7 +30,7 @@ from .ensembles import (
 )
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
-from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .lr_path import LRFactorCallback, LRMonitor, LRPath, ScaledScheduler
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
 from .multi_metric_stopping import MultiMetricEarlyStopping
 from .plans import EpochPlan, plan_epoch, simulate_fit
@@ -60,6 +61,7 @@ __all__ = [
     "batch_state",
     "fit_state",
     "LRFactorCallback",
+    "LRMonitor",
     "LRPath",
     "ScaledScheduler",
     "EpochPlan",

@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 __all__ = [
     "ConfigurationError",
+    "is_int",
+    "is_number",
     "check_int",
     "check_number",
     "check_choice",
@@ -39,6 +41,16 @@ class ConfigurationError(MisconfigurationException, ValueError):
         >>> issubclass(ConfigurationError, MisconfigurationException), issubclass(ConfigurationError, ValueError)
         (True, True)
     """
+
+
+def is_int(value: object) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def _fmt(value: object) -> str:
@@ -62,7 +74,7 @@ def check_int(
     """
     if value is None and optional:
         return None
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    ok = is_int(value)
     if ok and minimum is not None and value < minimum:  # type: ignore[operator]
         ok = False
     if ok and maximum is not None and value > maximum:  # type: ignore[operator]
@@ -104,7 +116,7 @@ def check_number(
     """
     if value is None and optional:
         return None
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # type: ignore[arg-type]
+    ok = is_number(value)
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low  # type: ignore[operator]
     if ok and high is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "logging_step",
     "is_logging_step",
     "validates_by_time",
+    "detach_callback",
 ]
 
 
@@ -189,3 +190,17 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
 def validates_by_time(trainer: pl.Trainer) -> bool:
     """Whether ``val_check_interval`` is a wall-time interval (``"00:05:00"``, a timedelta or a dict)."""
     return getattr(trainer, "_val_check_time_interval", None) is not None
+
+
+def detach_callback(callback: Any) -> None:
+    """Drop the handles on the LightningModule that Lightning puts on every callback at fit start.
+
+    ``_CallbackConnector._attach_model_logging_functions`` sets ``callback.log`` and
+    ``callback.log_dict`` to the module's bound methods and never removes them: a callback kept
+    after ``fit`` would keep the module, its Trainer and optimizer alive. epochwise callbacks drop
+    them at the end of every fit (Lightning sets them again at the next one).
+    """
+    for name in ("log", "log_dict"):
+        bound = callback.__dict__.get(name)
+        if bound is not None and getattr(bound, "__self__", None) is not None:
+            del callback.__dict__[name]

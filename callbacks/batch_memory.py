@@ -39,6 +39,11 @@ class MemoryEstimate:
     ``fixed_bytes`` = parameters + gradients + optimizer state;
     ``per_sample_bytes`` = ``activation_factor`` x (the input and every leaf module's outputs for
     one sample).
+
+    Example:
+        >>> est = MemoryEstimate(400, 400, 800, activation_bytes_per_sample=100.0, activation_factor=2.0)
+        >>> est.bytes_for(10), est.max_batch_size(4_000)
+        (3600.0, 12)
     """
 
     param_bytes: int

@@ -29,7 +29,15 @@ import torch
 if TYPE_CHECKING:
     from .lr_path import LRPath
 
-__all__ = ["BatchSizeState", "FitState", "fit_state", "release_fit_state", "batch_state", "batch_length"]
+__all__ = [
+    "BatchSizeState",
+    "FitState",
+    "fit_state",
+    "release_fit_state",
+    "batch_state",
+    "batch_length",
+    "length_or_none",
+]
 
 
 @dataclass
@@ -38,6 +46,10 @@ class BatchSizeState:
 
     ``per_device`` is the *scheduled* size of the current batch (a short last batch of an epoch
     does not change it); ``samples_seen`` counts the samples actually trained on, over all ranks.
+
+    Example:
+        >>> BatchSizeState(per_device=32, accumulation=4, world_size=2).global_batch
+        256
     """
 
     per_device: int | None = None
@@ -56,7 +68,14 @@ class BatchSizeState:
 
 @dataclass
 class FitState:
-    """Everything epochwise shares during one fit of one Trainer (see the module docstring)."""
+    """Everything epochwise shares during one fit of one Trainer (see the module docstring).
+
+    Example:
+        >>> state = FitState()
+        >>> state.count_batch(epoch=0, batch_idx=0, size=8); state.count_batch(0, 0, 8)
+        >>> state.batch.samples_seen  # a batch counts once, whoever reports it
+        8
+    """
 
     batch: BatchSizeState = field(default_factory=BatchSizeState)
     lr: LRPath | None = None
@@ -143,3 +162,11 @@ def batch_length(batch: Any) -> int:
         except TypeError:
             continue
     raise TypeError("cannot find a tensor in the batch to count its samples")
+
+
+def length_or_none(obj: Any) -> int | None:
+    """``len(obj)``, or ``None`` for something without a length (an endless stream)."""
+    try:
+        return len(obj)
+    except TypeError:
+        return None

@@ -59,7 +59,12 @@ def total_updates(
 
 
 class EpochSuggestion(NamedTuple):
-    """A starting range of epochs and the value to pass as ``max_epochs``."""
+    """A starting range of epochs and the value to pass as ``max_epochs``.
+
+    Example:
+        >>> EpochSuggestion(50, 100, 100, "small dataset").suggested
+        100
+    """
 
     low: int
     high: int

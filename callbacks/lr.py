@@ -17,9 +17,15 @@ from typing_extensions import override
 
 from ._checks import ConfigurationError, check_choice, check_int, check_number
 from ._lightning_internals import train_dataloaders
-from .engine import batch_length, fit_state
+from .engine import batch_length, fit_state, length_or_none
 from .lr_path import LRFactorCallback
-from .schedules import cosine_factor, linear_decay_factor, linear_warmup_factor, lr_scale, one_cycle_factor
+from .schedules import (
+    cosine_factor,
+    linear_decay_factor,
+    linear_warmup_factor,
+    lr_scale,
+    one_cycle_factor,
+)
 
 __all__ = ["LRScaling", "LRWarmup", "SampleBasedLRSchedule"]
 
@@ -67,7 +73,7 @@ class LRScaling(LRFactorCallback):
             self.global_batch = None
 
     def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
-        owner = fit_state(trainer).batch.owner  # type: ignore[union-attr]
+        owner = self._fit.batch.owner  # type: ignore[union-attr]
         if owner is not None and owner.plan is not None:
             per_device, accumulation = owner.planned_size(batch_idx), owner.accumulation
         else:
@@ -220,16 +226,16 @@ class SampleBasedLRSchedule(LRFactorCallback):
             state.batch.samples_seen = self._loaded_samples  # type: ignore[union-attr]
         self._loaded_samples = None
         if self._total is None:
-            dataset = train_dataloaders(trainer)[0].dataset
-            if trainer.max_epochs is None or trainer.max_epochs < 1 or not hasattr(dataset, "__len__"):
+            length = length_or_none(train_dataloaders(trainer)[0].dataset)
+            if trainer.max_epochs is None or trainer.max_epochs < 1 or length is None:
                 raise ConfigurationError(
                     "SampleBasedLRSchedule needs `total_samples` when the Trainer has no max_epochs or the "
                     "train data is a stream without __len__"
                 )
-            self._total = int(trainer.max_epochs) * len(dataset)
+            self._total = int(trainer.max_epochs) * length
 
     def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
-        state = fit_state(trainer)
+        state = self._fit
         before = state.batch.samples_seen  # type: ignore[union-attr]
         if state.counted == (trainer.current_epoch, batch_idx):  # type: ignore[union-attr]
             # the controller already counted this batch: go back to the samples before it
@@ -242,7 +248,7 @@ class SampleBasedLRSchedule(LRFactorCallback):
     ) -> None:
         self._this_batch = batch_length(batch)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        fit_state(trainer).count_batch(trainer.current_epoch, batch_idx, self._this_batch)  # type: ignore[union-attr]
+        self._fit.count_batch(trainer.current_epoch, batch_idx, self._this_batch)  # type: ignore[union-attr]
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,349 +1,48 @@
-"""Progressive resizing: train on smaller images first, with the batch size coupled to resolution.
+"""ProgressiveResizing: train on smaller images first, with the batch size coupled to resolution.
 
-Three layers, each usable on its own:
-
-- :func:`resize_batch`: a pure function ``(N, C, H, W) -> (N, C, h, w)`` for any PyTorch loop;
-- :class:`StagedResizeSchedule` and :class:`ContinuousResizeSchedule`: pure schedules
-  (epoch or fraction of training -> image size) as frozen dataclasses, plus
-  :func:`coupled_batch_size` (keep ``batch x pixels`` constant);
-- :class:`ProgressiveResizing`: the Lightning callback that applies them to every training batch
-  and, when coupled, owns the batch size through the one batch-size engine
-  (:class:`~epochwise.callbacks.batch_size.BatchSizeController`), so
-  :class:`~epochwise.callbacks.LRScaling` follows the coupled batch on its own.
+The callback applies the pure schedules of :mod:`epochwise.callbacks.resize_schedules` to every
+training batch and, when coupled, owns the batch size through the one batch-size engine (it is a
+:class:`~epochwise.callbacks.controller.BatchSizeController`), so
+:class:`~epochwise.callbacks.LRScaling` follows the coupled batch on its own.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
-from ._checks import ConfigurationError
+from ._checks import ConfigurationError, check_bool, check_choice, check_int, is_int
 from ._logging import CadenceLog
-from .batch_size import BatchSizeController
+from .controller import BatchSizeController
+from .engine import length_or_none
+from .resize_schedules import (
+    ContinuousResizeSchedule,
+    ResizeStage,
+    SizeLike,
+    StagedResizeSchedule,
+    as_hw,
+    coupled_batch_size,
+    resize_batch,
+)
 
 __all__ = [
+    "ProgressiveResizing",
     "resize_batch",
     "ResizeStage",
     "StagedResizeSchedule",
     "ContinuousResizeSchedule",
     "coupled_batch_size",
-    "ProgressiveResizing",
 ]
 
-SizeLike = int | Sequence[int]
 _MODES = ("resize", "crop")
 
 
-# ---------------------------------------------------------------------------------------------
-# small checks
-# ---------------------------------------------------------------------------------------------
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _as_hw(size: SizeLike, name: str = "size") -> tuple[int, int]:
-    """``16`` -> ``(16, 16)``; ``(16, 24)`` -> ``(16, 24)``; anything else -> ``ValueError``."""
-    if _is_int(size):
-        pair = (int(size), int(size))  # type: ignore[arg-type]
-    elif isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(_is_int(s) for s in size):
-        pair = (int(size[0]), int(size[1]))
-    else:
-        raise ValueError(f"`{name}` must be an int or a pair of ints (height, width), got {size!r}")
-    if min(pair) < 1:
-        raise ValueError(f"`{name}` must be >= 1 in both dimensions, got {size!r}")
-    return pair
-
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
-# ---------------------------------------------------------------------------------------------
-# the pure function
-# ---------------------------------------------------------------------------------------------
-def resize_batch(images: Tensor, size: SizeLike, mode: str = "resize", antialias: bool = True) -> Tensor:
-    """Resize or center-crop a batch of images to ``size``.
-
-    ``mode="resize"`` uses bilinear interpolation (``align_corners=False``) with an antialiasing
-    filter when an image dimension shrinks (``antialias=True``), so small images are proper
-    low-resolution versions rather than aliased subsamples. ``mode="crop"`` takes the central
-    ``size`` window (``size`` must then fit inside the image). A batch already at ``size`` is
-    returned as is (no copy). Reduced-precision inputs that the device cannot antialias
-    (bfloat16/float16 on CPU) are resized in float32 and cast back.
-
-    Args:
-        images: floating tensor ``(N, C, H, W)`` on any device.
-        size: output side ``s`` (square ``s x s``) or ``(height, width)``.
-        mode: ``"resize"`` or ``"crop"``.
-        antialias: antialias when downsampling (``"resize"`` only).
-
-    Returns:
-        Tensor ``(N, C, height, width)`` with the dtype and device of ``images``.
-
-    Raises:
-        ValueError: if ``images`` is not a 4-D floating tensor, ``size`` is not a positive int or
-            pair of ints, ``mode`` is unknown, or a crop is larger than the image.
-
-    Example:
-        >>> import torch
-        >>> x = torch.rand(8, 3, 32, 32)
-        >>> resize_batch(x, 16).shape
-        torch.Size([8, 3, 16, 16])
-        >>> resize_batch(x, (24, 20), mode="crop").shape
-        torch.Size([8, 3, 24, 20])
-    """
-    if not isinstance(images, Tensor):
-        raise ValueError(f"`images` must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"`images` must be a 4-D tensor (N, C, H, W), got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(
-            f"`images` must be a floating tensor, got dtype {images.dtype}; convert it first "
-            "(e.g. images.float() / 255)"
-        )
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
-    h, w = _as_hw(size)
-    H, W = int(images.shape[-2]), int(images.shape[-1])
-    if (h, w) == (H, W):
-        return images
-    if mode == "crop":
-        if h > H or w > W:
-            raise ValueError(
-                f"cannot center-crop {H}x{W} images to {h}x{w}: a crop must fit inside the image "
-                "(use mode='resize' to upsample)"
-            )
-        top, left = (H - h) // 2, (W - w) // 2
-        out = images[:, :, top : top + h, left : left + w]
-        channels_last = images.shape[1] > 1 and images.is_contiguous(memory_format=torch.channels_last)
-        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    aa = bool(antialias) and (h < H or w < W)
-    if aa and images.dtype in (torch.float16, torch.bfloat16) and images.device.type == "cpu":
-        # CPU has no antialiased kernel for reduced precision: do it in float32
-        out = F.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        return out.to(images.dtype)
-    return F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False, antialias=aa)
-
-
-# ---------------------------------------------------------------------------------------------
-# the pure schedules
-# ---------------------------------------------------------------------------------------------
-class ResizeStage(NamedTuple):
-    """One stage of a :class:`StagedResizeSchedule`: from ``start_epoch`` on, ``image_size`` px."""
-
-    start_epoch: int
-    image_size: int
-    batch_size: int | None = None
-
-
-@dataclass(frozen=True)
-class StagedResizeSchedule:
-    """Explicit stages: ``[(start_epoch, image_size, batch_size_or_None), ...]``.
-
-    From each ``start_epoch`` on, training images are ``image_size x image_size``; a stage's
-    ``batch_size`` (per device) overrides the coupled batch size, ``None`` (or a 2-tuple
-    ``(start_epoch, image_size)``) lets it be derived from the resolution. The first stage must
-    start at epoch 0 and starts must increase strictly. The caller's list is copied, never changed.
-
-    Example:
-        >>> s = StagedResizeSchedule([(0, 16, 256), (3, 24), (6, 32, 64)])
-        >>> [s(e) for e in range(8)]
-        [16, 16, 16, 24, 24, 24, 32, 32]
-        >>> s.stage_at(4)
-        ResizeStage(start_epoch=3, image_size=24, batch_size=None)
-    """
-
-    stages: Sequence[Sequence[int | None]]
-    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        given = self.stages
-        if isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Sequence) or not given:
-            raise ValueError(
-                "`stages` must be a non-empty list of (start_epoch, image_size[, batch_size]) "
-                f"tuples, got {given!r}"
-            )
-        parsed: list[ResizeStage] = []
-        for i, stage in enumerate(given):
-            if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) not in (2, 3):
-                raise ValueError(
-                    f"`stages[{i}]` must be (start_epoch, image_size) or "
-                    f"(start_epoch, image_size, batch_size), got {stage!r}"
-                )
-            start, size = stage[0], stage[1]
-            batch = stage[2] if len(stage) == 3 else None
-            if not _is_int(start) or start < 0:  # type: ignore[operator]
-                raise ValueError(f"`stages[{i}]` start_epoch must be an int >= 0, got {start!r}")
-            if not _is_int(size) or size < 1:  # type: ignore[operator]
-                raise ValueError(f"`stages[{i}]` image_size must be an int >= 1, got {size!r}")
-            if batch is not None and (not _is_int(batch) or batch < 1):
-                raise ValueError(f"`stages[{i}]` batch_size must be None or an int >= 1, got {batch!r}")
-            parsed.append(ResizeStage(int(start), int(size), None if batch is None else int(batch)))  # type: ignore[arg-type]
-        if parsed[0].start_epoch != 0:
-            raise ValueError(f"the first stage must start at epoch 0, got start_epoch={parsed[0].start_epoch}")
-        for prev, cur in zip(parsed, parsed[1:], strict=False):
-            if cur.start_epoch <= prev.start_epoch:
-                raise ValueError(
-                    "stage starts must increase strictly, got start_epoch="
-                    f"{cur.start_epoch} after {prev.start_epoch}"
-                )
-        object.__setattr__(self, "stages", tuple(parsed))
-        object.__setattr__(self, "_starts", tuple(s.start_epoch for s in parsed))
-
-    def stage_at(self, epoch: int) -> ResizeStage:
-        """The stage in force at ``epoch`` (the last one whose start is ``<= epoch``)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        return self.stages[bisect_right(self._starts, epoch) - 1]  # type: ignore[return-value]
-
-    def __call__(self, epoch: int) -> int:
-        """Image size (side) at ``epoch``."""
-        return self.stage_at(epoch).image_size
-
-    def batch_size(self, epoch: int) -> int | None:
-        """The stage's explicit per-device batch size at ``epoch`` (``None``: derive it)."""
-        return self.stage_at(epoch).batch_size
-
-    @property
-    def has_batch_sizes(self) -> bool:
-        """Whether any stage fixes its batch size explicitly."""
-        return any(s.batch_size is not None for s in self.stages)  # type: ignore[union-attr]
-
-
-@dataclass(frozen=True)
-class ContinuousResizeSchedule:
-    """Composer-style ramp over the fraction of training elapsed, ``progress`` in ``[0, 1]``.
-
-    The scale is ``initial_scale`` for the first ``delay_fraction`` of training, then grows
-    linearly to 1 so that it reaches full size when the last ``finetune_fraction`` begins, and
-    stays at 1 (full size) until the end::
-
-        scale(p) = initial_scale + (1 - initial_scale) * clip((p - delay) / (1 - delay - finetune), 0, 1)
-
-    (with ``delay + finetune == 1`` the scale jumps from ``initial_scale`` to 1 at ``p = delay``).
-    :meth:`size` turns a scale into pixels: ``full x scale`` rounded (half up) to a multiple of
-    ``size_increment``, at least one increment and never above ``full``; at scale 1 it is exactly
-    ``full`` even when ``full`` is not a multiple of the increment.
-
-    Unlike Composer (whose ``delay + finetune <= 1`` check lets ``initial_scale=0`` produce empty
-    images and whose pinning can round above the full size) sizes here are always in
-    ``[min(increment, full), full]``.
-
-    Args:
-        initial_scale: scale of the first phase, in ``(0, 1]``.
-        finetune_fraction: final fraction of training at full size, in ``[0, 1]``.
-        delay_fraction: initial fraction of training at ``initial_scale``, in ``[0, 1]``,
-            with ``delay_fraction + finetune_fraction <= 1``.
-        size_increment: sizes are multiples of this (4 for most CNNs; 8 or 32 for tensor cores /
-            deep strided nets).
-
-    Example:
-        >>> s = ContinuousResizeSchedule(initial_scale=0.5, finetune_fraction=0.2, delay_fraction=0.5)
-        >>> [s.size(p, 32) for p in (0.0, 0.5, 0.6, 0.7, 0.8, 1.0)]
-        [16, 16, 20, 28, 32, 32]
-        >>> s.scale(0.65)
-        0.75
-    """
-
-    initial_scale: float = 0.5
-    finetune_fraction: float = 0.2
-    delay_fraction: float = 0.5
-    size_increment: int = 4
-
-    def __post_init__(self) -> None:
-        if not _is_number(self.initial_scale) or not 0.0 < self.initial_scale <= 1.0:
-            raise ValueError(f"`initial_scale` must be a number in (0, 1], got {self.initial_scale!r}")
-        if not _is_number(self.finetune_fraction) or not 0.0 <= self.finetune_fraction <= 1.0:
-            raise ValueError(f"`finetune_fraction` must be a number in [0, 1], got {self.finetune_fraction!r}")
-        if not _is_number(self.delay_fraction) or not 0.0 <= self.delay_fraction <= 1.0:
-            raise ValueError(f"`delay_fraction` must be a number in [0, 1], got {self.delay_fraction!r}")
-        if self.delay_fraction + self.finetune_fraction > 1.0 + 1e-12:
-            raise ValueError(
-                "`delay_fraction` + `finetune_fraction` must be <= 1 (got delay_fraction="
-                f"{self.delay_fraction}, finetune_fraction={self.finetune_fraction})"
-            )
-        if not _is_int(self.size_increment) or self.size_increment < 1:
-            raise ValueError(f"`size_increment` must be an int >= 1, got {self.size_increment!r}")
-
-    def scale(self, progress: float) -> float:
-        """Unrounded linear scale at ``progress`` (fraction of training elapsed)."""
-        if not _is_number(progress) or progress < 0:
-            raise ValueError(f"progress must be a number >= 0, got {progress!r}")
-        ramp = 1.0 - self.delay_fraction - self.finetune_fraction
-        if progress < self.delay_fraction:
-            t = 0.0
-        elif ramp <= 1e-12:
-            t = 1.0
-        else:
-            t = min((progress - self.delay_fraction) / ramp, 1.0)
-        return float(self.initial_scale + (1.0 - self.initial_scale) * t)
-
-    def size(self, progress: float, full_size: int) -> int:
-        """Image side at ``progress`` for images whose full side is ``full_size``."""
-        if not _is_int(full_size) or full_size < 1:
-            raise ValueError(f"`full_size` must be an int >= 1, got {full_size!r}")
-        s = self.scale(progress)
-        if s >= 1.0:
-            return full_size
-        inc = self.size_increment
-        pinned = _round_half_up(full_size * s / inc) * inc
-        return max(min(inc, full_size), min(full_size, pinned))
-
-    def __call__(self, progress: float, full_size: int) -> int:
-        """Same as :meth:`size`."""
-        return self.size(progress, full_size)
-
-
-def coupled_batch_size(
-    base_batch: int,
-    full_size: SizeLike,
-    size: SizeLike,
-    min_batch: int = 1,
-    max_batch: int | None = None,
-) -> int:
-    """Per-device batch that keeps ``batch x pixels`` constant: ``base x (full / size)^2``.
-
-    Rounded to the nearest int (half up), then clamped to ``[min_batch, max_batch]``.
-
-    Args:
-        base_batch: batch size at full resolution.
-        full_size: full image side or ``(height, width)``.
-        size: current image side or ``(height, width)``.
-        min_batch, max_batch: bounds (``max_batch=None``: no upper bound).
-
-    Example:
-        >>> coupled_batch_size(64, 32, 16), coupled_batch_size(64, 32, 24), coupled_batch_size(64, 32, 16, max_batch=200)
-        (256, 114, 200)
-    """
-    if not _is_int(base_batch) or base_batch < 1:
-        raise ValueError(f"`base_batch` must be an int >= 1, got {base_batch!r}")
-    if not _is_int(min_batch) or min_batch < 1:
-        raise ValueError(f"`min_batch` must be an int >= 1, got {min_batch!r}")
-    if max_batch is not None and (not _is_int(max_batch) or max_batch < min_batch):
-        raise ValueError(f"`max_batch` must be None or an int >= min_batch={min_batch}, got {max_batch!r}")
-    H, W = _as_hw(full_size, "full_size")
-    h, w = _as_hw(size, "size")
-    n = _round_half_up(base_batch * (H * W) / (h * w))
-    n = max(min_batch, n)
-    return min(n, max_batch) if max_batch is not None else n
-
-
-# ---------------------------------------------------------------------------------------------
-# the callback
-# ---------------------------------------------------------------------------------------------
 def _find_images(batch: Any, key: int | str) -> Tensor:
     """The image tensor of a training batch, checked to be ``(N, C, H, W)`` floating."""
     if isinstance(batch, tuple):
@@ -360,7 +59,7 @@ def _find_images(batch: Any, key: int | str) -> Tensor:
             )
         images = batch[key]
     elif isinstance(batch, list):
-        if not _is_int(key) or not -len(batch) <= key < len(batch):  # type: ignore[operator]
+        if not is_int(key) or not -len(batch) <= key < len(batch):  # type: ignore[operator]
             raise KeyError(
                 f"ProgressiveResizing: `input_key`={key!r} is not a valid index of a batch list of "
                 f"length {len(batch)}"
@@ -496,40 +195,33 @@ class ProgressiveResizing(BatchSizeController):
         self.schedule: StagedResizeSchedule | ContinuousResizeSchedule
         if stages is not None:
             if given:
-                raise ValueError(
+                raise ConfigurationError(
                     f"give either `stages` or the continuous arguments, not both (got stages and {sorted(given)})"
                 )
             self.schedule = StagedResizeSchedule(stages)
         else:
             self.schedule = ContinuousResizeSchedule(**given)
-        if mode not in _MODES:
-            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
-        if not isinstance(antialias, bool):
-            raise ValueError(f"`antialias` must be a bool, got {antialias!r}")
+        check_choice("mode", mode, _MODES)
+        check_bool("antialias", antialias)
         if not isinstance(input_key, (int, str)) or isinstance(input_key, bool):
-            raise ValueError(f"`input_key` must be an int (list batches) or a str (dict batches), got {input_key!r}")
-        if not isinstance(couple_batch_size, bool):
-            raise ValueError(f"`couple_batch_size` must be a bool, got {couple_batch_size!r}")
+            raise ConfigurationError(f"`input_key` must be an int (list batches) or a str (dict batches), got {input_key!r}")
+        check_bool("couple_batch_size", couple_batch_size)
         if (
             not couple_batch_size
             and isinstance(self.schedule, StagedResizeSchedule)
             and self.schedule.has_batch_sizes
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 "stages with a batch size need couple_batch_size=True (with couple_batch_size=False "
                 "another callback owns the batch size); drop the batch sizes from `stages`"
             )
-        if not _is_int(min_batch_size) or min_batch_size < 1:
-            raise ValueError(f"`min_batch_size` must be an int >= 1, got {min_batch_size!r}")
-        if max_batch_size is not None and (not _is_int(max_batch_size) or max_batch_size < min_batch_size):
-            raise ValueError(
-                f"`max_batch_size` must be None or an int >= min_batch_size={min_batch_size}, got {max_batch_size!r}"
-            )
+        check_int("min_batch_size", min_batch_size, minimum=1)
+        check_int("max_batch_size", max_batch_size, minimum=min_batch_size, optional=True)
         self.mode = mode
         self.antialias = antialias
         self.input_key = input_key
         self.couple_batch_size = couple_batch_size
-        self.full_size: tuple[int, int] | None = None if full_size is None else _as_hw(full_size, "full_size")
+        self.full_size: tuple[int, int] | None = None if full_size is None else as_hw(full_size, "full_size")
         self.min_batch_size = min_batch_size
         self.max_batch_size = max_batch_size
         self._resize_log = CadenceLog(watch=("progressive_resizing/size",))
@@ -544,7 +236,7 @@ class ProgressiveResizing(BatchSizeController):
         ``fraction`` (the part of the epoch done) only matters for the continuous ramp; when
         coupled the callback always passes 0 (size fixed per epoch).
         """
-        H, W = _as_hw(full_size, "full_size")
+        H, W = as_hw(full_size, "full_size")
         if isinstance(self.schedule, StagedResizeSchedule):
             s = self.schedule(epoch)
             return (s, s)
@@ -603,6 +295,13 @@ class ProgressiveResizing(BatchSizeController):
         super().setup(trainer, pl_module, stage)
 
     def _wrap_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
+        if isinstance(loader.dataset, IterableDataset) and length_or_none(loader.dataset) is None:
+            raise ConfigurationError(
+                "ProgressiveResizing(couple_batch_size=True) couples the batch to the image size per epoch "
+                "and needs epochs of known length, but the train data is a stream without __len__. Use "
+                "couple_batch_size=False (with a BatchSizeWarmup(unit='step') if the batch should grow), or "
+                "give the dataset a __len__."
+            )
         # the coupled batch needs the full image size before the first epoch is planned
         if self._full_hw is None:
             self._full_hw = self._loaded_full_hw
@@ -657,7 +356,7 @@ class ProgressiveResizing(BatchSizeController):
             size = self.image_size(trainer.current_epoch, full, fraction)
         if size != full:
             batch[self.input_key] = resize_batch(images, size, self.mode, self.antialias)
-        if trainer.loggers:
+        if not self._resize_log.skip_step(trainer, float(size[0])):
             scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))
             self._resize_log(trainer, {"progressive_resizing/size": float(size[0]), "progressive_resizing/scale": scale})
         if self.couple_batch_size:
@@ -679,4 +378,4 @@ class ProgressiveResizing(BatchSizeController):
         super().load_state_dict(state_dict)
         saved = state_dict.get("full_size")
         if saved is not None:
-            self._loaded_full_hw = _as_hw(tuple(saved), "full_size")
+            self._loaded_full_hw = as_hw(tuple(saved), "full_size")

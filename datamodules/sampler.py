@@ -8,13 +8,35 @@ from ``(seed, epoch)`` alone, so a resumed or reloaded run sees the order an uni
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sized
 from itertools import islice
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
 
-__all__ = ["ResizableBatchSampler", "SeededRandomSampler", "epoch_seed"]
+__all__ = [
+    "ResizableBatchSampler",
+    "SeededRandomSampler",
+    "epoch_seed",
+    "is_plain_batch_sampler",
+    "resizable_copy",
+    "close_loader",
+]
+
+# torchdata's StatefulDataLoader swaps in look-alikes of these two; named here, never imported
+_TORCHDATA = "torchdata.stateful_dataloader.sampler"
+
+
+def _is(obj: object, torch_class: type, name: str) -> bool:
+    cls = type(obj)
+    return cls is torch_class or (cls.__module__ == _TORCHDATA and cls.__name__ == name)
+
+
+def is_plain_batch_sampler(batch_sampler: object) -> bool:
+    """Whether ``batch_sampler`` only cuts its sampler into equal chunks (so resizing loses nothing):
+    ``torch.utils.data.BatchSampler``, torchdata's stateful look-alike, or a ResizableBatchSampler."""
+    return isinstance(batch_sampler, ResizableBatchSampler) or _is(batch_sampler, BatchSampler, "BatchSampler")
 
 #: 2**61 - 1, a Mersenne prime: mixes (seed, epoch) into one generator seed.
 _PRIME = (1 << 61) - 1
@@ -152,11 +174,11 @@ class ResizableBatchSampler(BatchSampler):
 
     def _epoch_indices(self) -> Iterator[int]:
         inner = self.sampler
-        if type(inner) is RandomSampler and self.seed is not None and not callable(getattr(inner, "set_epoch", None)):
+        if _is(inner, RandomSampler, "RandomSampler") and self.seed is not None:
             private = RandomSampler(
                 inner.data_source,
                 replacement=inner.replacement,
-                num_samples=inner._num_samples,
+                num_samples=inner._num_samples,  # type: ignore[attr-defined]
                 generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)),
             )
             return iter(private)
@@ -190,3 +212,48 @@ class ResizableBatchSampler(BatchSampler):
             remaining -= n
             count += 1
         return count
+
+
+def resizable_copy(loader: DataLoader, batch_size: int | None = None, seed: int | None = None) -> DataLoader:
+    """A copy of ``loader`` whose batches come from a :class:`ResizableBatchSampler`; ``loader`` is untouched.
+
+    The copy has the same class (a torchdata ``StatefulDataLoader`` stays stateful), dataset,
+    collate function and worker settings, and draws indices from the same sampler; only its batch
+    sampler is new (``copy.sampler`` is the resizable one: ``copy.batch_sampler``). PyTorch forbids
+    re-assigning ``batch_sampler`` on a built DataLoader through ``setattr``; the copy is set up
+    before anyone iterates it. Over an ``IterableDataset`` its ``len()`` counts samples, not batches
+    (whoever resizes it knows the epoch length).
+
+    Raises:
+        TypeError: if ``loader`` has no batch sampler (``batch_size=None``) or a custom one whose
+            batching logic a resizable sampler would silently drop.
+
+    Example:
+        >>> loader = DataLoader(list(range(10)), batch_size=4)
+        >>> twin = resizable_copy(loader)
+        >>> twin.batch_sampler.batch_size = 5
+        >>> [len(b) for b in twin], [len(b) for b in loader]
+        ([5, 5], [4, 4, 2])
+    """
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None:
+        raise TypeError("the DataLoader makes no batches (batch_size=None)")
+    if not is_plain_batch_sampler(batch_sampler):
+        raise TypeError(f"the DataLoader uses a custom batch sampler ({type(batch_sampler).__name__})")
+    size = int(batch_size if batch_size is not None else batch_sampler.batch_size)
+    sampler = ResizableBatchSampler(batch_sampler.sampler, size, batch_sampler.drop_last, seed=seed)
+    twin = copy.copy(loader)
+    twin.__dict__["batch_sampler"] = sampler
+    twin.__dict__["_iterator"] = None  # never share a live iterator (persistent workers) with the original
+    if isinstance(loader.dataset, IterableDataset):
+        twin.__dict__["batch_size"] = None  # its len() would otherwise divide by the old size
+    return twin
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Shut down the worker processes a DataLoader keeps (persistent workers) and forget its iterator."""
+    iterator = loader.__dict__.get("_iterator")
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    loader.__dict__["_iterator"] = None

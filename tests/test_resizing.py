@@ -137,7 +137,7 @@ def _reference_scale(p: float, initial: float, finetune: float, delay: float) ->
 
 @pytest.mark.parametrize("initial,finetune,delay", [(0.5, 0.2, 0.5), (0.25, 0.1, 0.0), (0.6, 0.0, 0.3), (1.0, 0.2, 0.2)])
 @pytest.mark.parametrize("increment", [1, 4, 8])
-@pytest.mark.parametrize("full", [7, 28, 32, 224])
+@pytest.mark.parametrize("full", [7, 9, 28, 32, 224])
 def test_continuous_schedule_exhaustive(initial, finetune, delay, increment, full):
     s = ContinuousResizeSchedule(initial, finetune, delay, increment)
     for k in range(0, 121):
@@ -313,11 +313,11 @@ def test_staged_coupled_sizes_batches_and_full_size_validation():
     # 8 px: 8 x (16/8)^2 = 32; 12 px: round(8 x 256/144) = 14; 16 px: the stage's own 4
     assert model.planned() == expected_steps([(8, 32), (8, 32), (12, 14), (16, 4)])
     assert set(model.val_seen) == {(1, FULL, FULL)}  # validation is never resized
-    sizes = log.series("progressive_resizing/size")
-    assert len(sizes) == len(model.train_seen)
-    assert sizes == [float(s) for _, _, s, _ in model.planned()]
-    assert log.series("progressive_resizing/scale")[0] == 0.5
-    assert log.series("batch_size/per_device")[0] == 32.0
+    # logged at Lightning's cadence (every 50 steps: never in this short fit) and at each change
+    size_rows = [(step, m["progressive_resizing/size"]) for step, m in log.rows if "progressive_resizing/size" in m]
+    assert size_rows == [(0, 8.0), (4, 12.0), (9, 16.0)]
+    assert log.series("progressive_resizing/scale") == [0.5, 0.75, 1.0]
+    assert log.series("batch_size/per_device") == [32.0, 14.0, 4.0]
 
 
 def test_continuous_coupled_size_constant_within_epoch():
@@ -469,3 +469,34 @@ def test_resume_mid_schedule_continues_the_same_sizes(tmp_path, coupled):
     assert first.planned() + resumed.planned() == full.planned()
     if coupled:  # 8 px at first, so the coupled batch was 4x the loader's
         assert full.planned()[0][3] == 4 * BATCH
+
+
+def test_finetune_phase_is_exactly_full_size_even_off_the_increment_grid():
+    s = ContinuousResizeSchedule(initial_scale=0.5, finetune_fraction=0.3, delay_fraction=0.2, size_increment=4)
+    for full in (9, 30, 50, 226):
+        assert [s.size(p, full) for p in (0.7, 0.85, 1.0)] == [full] * 3
+
+
+def test_the_coupled_batch_is_capped_at_the_samples_per_epoch():
+    model = TinyImageModule()
+    pr = ProgressiveResizing(stages=[(0, 2), (1, 16)])  # 8 x (16/2)^2 = 512 samples wanted
+    trainer(2, [pr]).fit(model, loader())
+    assert model.planned() == expected_steps([(2, N), (16, BATCH)])
+
+
+def test_resume_uses_the_checkpointed_full_size_without_reading_the_data(tmp_path, monkeypatch):
+    import epochwise.callbacks.resizing as resizing
+
+    first = TinyImageModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(2, [ProgressiveResizing(stages=[(0, 8), (2, 16)]), _StopAfter(0), ckpt],
+            enable_checkpointing=True).fit(first, loader())
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the full size must come from the checkpoint")
+
+    monkeypatch.setattr(resizing, "_sample_hw", no_reading)
+    resumed = TinyImageModule()
+    trainer(2, [ProgressiveResizing(stages=[(0, 8), (2, 16)])]).fit(
+        resumed, loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.planned() == expected_steps([(8, 32), (8, 32)])[N // 32:]

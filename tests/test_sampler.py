@@ -7,7 +7,13 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from epochwise.datamodules.sampler import ResizableBatchSampler, SeededRandomSampler, epoch_seed
+from epochwise.datamodules.sampler import (
+    ResizableBatchSampler,
+    SeededRandomSampler,
+    close_loader,
+    epoch_seed,
+    resizable_copy,
+)
 
 
 def test_sizes_len_and_drop_last():
@@ -116,3 +122,28 @@ def test_seeded_random_sampler_is_a_function_of_seed_and_epoch_only():
 def test_epoch_seed_mixes_seed_and_epoch():
     pairs = {(s, e) for s in range(20) for e in range(20)}
     assert len({epoch_seed(s, e) for s, e in pairs}) == len(pairs)
+
+
+def test_resizable_copy_leaves_the_original_and_keeps_class_and_settings():
+    class MyLoader(DataLoader):
+        pass
+
+    original = MyLoader(list(range(10)), batch_size=4, shuffle=True, drop_last=True)
+    before = dict(original.__dict__)
+    twin = resizable_copy(original, seed=1)
+    assert type(twin) is MyLoader and original.__dict__ == before
+    assert isinstance(twin.batch_sampler, ResizableBatchSampler) and twin.batch_sampler.drop_last
+    assert twin.batch_sampler.sampler is original.sampler
+    twin.batch_sampler.batch_size = 3
+    assert [len(b) for b in twin] == [3, 3, 3] and [len(b) for b in original] == [4, 4]
+
+
+def test_resizable_copy_refuses_what_it_cannot_resize_and_close_stops_workers():
+    with pytest.raises(TypeError, match="batch_size=None"):
+        resizable_copy(DataLoader(list(range(4)), batch_size=None))
+    loader = DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True)
+    twin = resizable_copy(loader)
+    list(twin)
+    workers = twin._iterator._workers
+    close_loader(twin)
+    assert twin._iterator is None and not any(w.is_alive() for w in workers)

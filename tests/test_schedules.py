@@ -94,3 +94,22 @@ def test_split_for_max_per_device(batch, maximum, expected):
     micro, k = split_for_max_per_device(batch, maximum)
     assert (micro, k) == expected
     assert micro <= maximum if maximum else True
+
+
+def test_one_cycle_factor_matches_torchs_one_cycle_lr_everywhere():
+    import torch
+
+    total, pct = 200, 0.3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=pct,
+                                                anneal_strategy="cos", cycle_momentum=False,
+                                                three_phase=False)
+    for step in range(total):
+        # torch's phases end at step pct*total - 1 and total - 1
+        p_up = step / (pct * total - 1)
+        p = pct * p_up if step <= pct * total - 1 else pct + (1 - pct) * (step - (pct * total - 1)) / (total - pct * total)
+        assert one_cycle_factor(p, pct_start=pct) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6), step
+        opt.step()
+        sched.step()
+    assert one_cycle_factor(1.0) == pytest.approx(1 / 25 / 1e4)
+    assert one_cycle_factor(0.65, pct_start=0.3) == pytest.approx(0.5 * (1 + 1 / 25 / 1e4), rel=1e-9)

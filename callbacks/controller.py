@@ -1,0 +1,500 @@
+"""The batch-size engine's controller: the one callback that owns the batch size of a fit.
+
+How a change flows (one path)::
+
+    schedule(epoch or step) -> per-device request -> EpochPlan (plans.py: sizes, accumulation)
+        -> ResizableBatchSampler.plan of the train loader Lightning iterates (never rebuilt)
+        -> trainer.accumulate_grad_batches, Lightning's cached epoch length
+        -> BatchSizeState (per-device, accumulation, world size -> global batch, samples seen)
+        -> LRScaling and logging read it from there
+
+The controller never changes the user's DataLoader: when Lightning builds the train loader (at fit
+start and on every reload) the controller hands Lightning a *twin* of it instead — the same
+dataset, workers settings, collate function and class, with a :class:`ResizableBatchSampler` over
+the same index sampler — before Lightning measures it or starts its workers. See
+``docs/ENGINE.md`` for every Trainer configuration and how it is honoured or refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import IterableDataset
+from typing_extensions import override
+
+from epochwise.datamodules.sampler import (
+    ResizableBatchSampler,
+    close_loader,
+    is_plain_batch_sampler,
+    resizable_copy,
+)
+
+from ._checks import ConfigurationError, check_choice, check_int
+from ._lightning_internals import (
+    detach_callback,
+    intercept_train_dataloaders,
+    override_stepping_estimate,
+    pending_loader_states,
+    replace_train_dataloader,
+    restart_train_iterator,
+    set_train_epoch_length,
+    validates_by_time,
+)
+from ._logging import CadenceLog
+from .engine import FitState, batch_length, fit_state, length_or_none, release_fit_state
+from .plans import EpochPlan, FitStep, plan_epoch, simulate_fit
+from .schedules import Unit
+
+__all__ = ["BatchSizeController"]
+
+_KEYS = ("batch_size/per_device", "batch_size/global", "batch_size/accumulation")
+
+
+class BatchSizeController(Callback):
+    """Base class of every callback that decides the per-device batch size during fit.
+
+    Subclasses implement :meth:`scheduled_batch_size` (``(epoch, step) -> per-device size``, or
+    ``None`` for the loader's own). The controller does the rest, once for all of them:
+
+    - it hands Lightning a resizable twin of each train loader it builds (fit start, reloads), so
+      sizes are exact from the first batch, whatever the workers prefetch, and the user's loader is
+      never touched;
+    - before each epoch it lays out the epoch's batches (:func:`~epochwise.callbacks.plans.plan_epoch`)
+      and updates Lightning's cached epoch length (progress bar, epoch end, ``val_check_interval``);
+    - a request above ``max_per_device`` keeps the effective batch by raising
+      ``trainer.accumulate_grad_batches`` for that epoch (put back to the user's value at the end);
+    - the order of each epoch is a function of ``(seed, epoch)``, and the position within the
+      epoch is checkpointed, so a fit resumed from any step continues exactly;
+    - it simulates the whole fit before training, so ``trainer.estimated_stepping_batches`` (read
+      in ``configure_optimizers``) counts the optimizer steps the fit will really take, and a
+      configuration it cannot honour exactly is refused before the first step.
+
+    Only one controller may own the batch size of a fit. ``unit="step"`` counts optimizer steps
+    (``trainer.global_step``): every micro-batch of one step has the same size.
+
+    Logged at Lightning's cadence and at every step where a value changes:
+    ``batch_size/per_device`` (scheduled size; a short last batch is not a change),
+    ``batch_size/global``, ``batch_size/accumulation``, and ``samples_seen`` (all ranks).
+
+    Example:
+        >>> class Doubling(BatchSizeController):
+        ...     def scheduled_batch_size(self, epoch, step):
+        ...         return 16 * 2 ** epoch
+        >>> Doubling().scheduled_batch_size(2, 0)
+        64
+    """
+
+    def __init__(
+        self, unit: Unit = "epoch", max_per_device: int | Literal["auto"] | None = None, seed: int | None = None
+    ) -> None:
+        check_choice("unit", unit, ("epoch", "step"))
+        if max_per_device != "auto":
+            check_int("max_per_device", max_per_device, minimum=1, optional=True)
+        check_int("seed", seed, optional=True)
+        self.unit = unit
+        self.max_per_device = max_per_device
+        self.seed = seed
+        self._log = CadenceLog(watch=_KEYS)
+        self._last_state: dict[str, Any] | None = None
+        self._reset_fit()
+
+    # -- the schedule -------------------------------------------------------------------------
+    def scheduled_batch_size(self, epoch: int, step: int) -> int | None:
+        """Per-device batch size wanted at ``epoch`` / optimizer ``step`` (``None``: the loader's own)."""
+        raise NotImplementedError
+
+    def largest_batch_size(self) -> int | None:
+        """The largest size the schedule ever asks for (fixes the accumulation of an endless stream)."""
+        return None
+
+    def _request(self, epoch: int, step: int) -> int:
+        n = self.scheduled_batch_size(epoch, step)
+        return int(n) if n is not None else int(self._loader_batch_size or 1)
+
+    @property
+    def plan(self) -> EpochPlan | None:
+        """The current epoch's plan (``None`` outside a fit)."""
+        return self._plan
+
+    @property
+    def sampler(self) -> ResizableBatchSampler | None:
+        """The resizable batch sampler of the train loader Lightning iterates (during a fit)."""
+        return self._sampler
+
+    @property
+    def loader_batch_size(self) -> int | None:
+        """The batch size the user's train DataLoader was built with."""
+        return self._loader_batch_size
+
+    def planned_size(self, batch_idx: int) -> int:
+        """Scheduled per-device size of batch ``batch_idx`` of the current epoch."""
+        return self._plan.size_of(batch_idx)  # type: ignore[union-attr]
+
+    @property
+    def accumulation(self) -> int:
+        """Accumulation of the current epoch (the user's times the ``max_per_device`` split)."""
+        return self._plan.accumulation if self._plan is not None else self._base_accumulation
+
+    # -- per-fit state ------------------------------------------------------------------------
+    def _reset_fit(self) -> None:
+        self._fit: FitState | None = None
+        self._loaded: dict[str, Any] | None = None
+        self._twin: Any = None
+        self._original: Any = None
+        self._sampler: ResizableBatchSampler | None = None
+        self._plan: EpochPlan | None = None
+        self._plan_key: tuple[int, int, int] | None = None
+        self._base_accumulation = 1
+        self._loader_batch_size: int | None = None
+        self._samples: int | None = None  # samples per rank and epoch (None: a stream)
+        self._epoch_first_step = 0
+        self._batches_done = 0
+        self._probed_max: int | None = None
+        self._seed_in_use: int | None = None
+        self._training = False
+        self._undo_estimate: Any = None
+        self._world_size = 1
+        self._warned_clamp = False
+        self._log.reset()
+
+    @property
+    def _max(self) -> int | None:
+        """``max_per_device`` as an int (the probed value for ``"auto"``)."""
+        return self._probed_max if self.max_per_device == "auto" else self.max_per_device  # type: ignore[return-value]
+
+    # -- setup: refuse what cannot be honoured, install the interception ----------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reset_fit()
+        self._check_trainer(trainer, pl_module)
+        state = fit_state(trainer)
+        if state.batch.owner is not None and state.batch.owner is not self:
+            raise ConfigurationError(
+                f"two callbacks control the batch size: {type(state.batch.owner).__name__} and "
+                f"{type(self).__name__}. Keep one (combine the schedules into one callback)."
+            )
+        state.batch.owner = self
+        state.batch.world_size = self._world_size = trainer.world_size
+        self._fit = state
+        self._base_accumulation = user_accumulation = int(trainer.accumulate_grad_batches)
+
+        def give_back_accumulation() -> None:
+            trainer.accumulate_grad_batches = user_accumulation
+
+        state.on_release("trainer.accumulate_grad_batches", give_back_accumulation)
+        state.on_release("train loader", lambda: self._give_back_loader(trainer))
+        state.on_release(
+            "train-loader interception",
+            intercept_train_dataloaders(
+                trainer, lambda loader: self._wrap_loader(trainer, loader), lambda: self._after_build(trainer)
+            ),
+        )
+
+    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = type(self).__name__
+        strategy = trainer.strategy
+        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            raise ConfigurationError(
+                f"{name} is proven on a single device and under DDP (strategy='ddp', 'ddp_spawn', "
+                f"...), not under strategy={type(strategy).__name__}: use one of those, or remove "
+                f"{name}."
+            )
+        if not pl_module.automatic_optimization and self.max_per_device is not None:
+            raise ConfigurationError(
+                f"{name}(max_per_device={self.max_per_device!r}) keeps the effective batch with "
+                "Trainer(accumulate_grad_batches), which Lightning ignores under manual optimization "
+                "(automatic_optimization=False): pass max_per_device=None, or use automatic optimization."
+            )
+        if trainer.limit_train_batches == 0:
+            raise ConfigurationError(f"{name}: limit_train_batches=0 trains nothing; remove {name} or the limit")
+
+    # -- the twin loader ------------------------------------------------------------------------
+    def _wrap_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
+        name = type(self).__name__
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is None:
+            raise ConfigurationError(
+                f"{name} needs a train DataLoader that makes batches (DataLoader(batch_size=N)); this "
+                "one has batch_size=None. Build it with batch_size=..., or remove the callback."
+            )
+        if not is_plain_batch_sampler(batch_sampler):
+            raise ConfigurationError(
+                f"{name} can resize only a plain torch.utils.data.BatchSampler, but the train "
+                f"DataLoader uses {type(batch_sampler).__name__}. Build the DataLoader with "
+                "batch_size=... (and shuffle/sampler) instead of batch_sampler=..."
+            )
+        stream = isinstance(loader.dataset, IterableDataset)
+        samples = length_or_none(batch_sampler.sampler)
+        if samples is None and stream:
+            samples = length_or_none(loader.dataset)
+        if samples is None and self.unit == "epoch":
+            raise ConfigurationError(
+                f"{name}(unit='epoch') needs to know how many samples an epoch has, but the train data "
+                "is a stream without __len__ (an IterableDataset). Use unit='step', or give the "
+                "dataset a __len__."
+            )
+        if samples is None and self.largest_batch_size() is None:
+            raise ConfigurationError(f"{name} cannot drive a stream without length: its schedule has no largest size")
+        if self._loader_batch_size is None:
+            loaded = (self._loaded or {}).get("loader_batch_size")
+            self._loader_batch_size = int(loaded) if loaded else int(batch_sampler.batch_size)
+        if self._seed_in_use is None:
+            loaded_seed = (self._loaded or {}).get("seed")
+            self._seed_in_use = self.seed if self.seed is not None else (
+                int(loaded_seed) if loaded_seed is not None else int(torch.initial_seed()) % (1 << 62)
+            )
+        twin = resizable_copy(loader, self._loader_batch_size, seed=self._seed_in_use)
+        sampler = twin.batch_sampler
+        self._give_back_loader(trainer)  # a reload: the previous twin is finished
+        self._original, self._twin, self._sampler, self._samples = loader, twin, sampler, samples
+        self._plan_key = None
+        self._prepare(trainer, at_build=True)
+        return twin
+
+    def _after_build(self, trainer: pl.Trainer) -> None:
+        length = self._plan.length if self._plan is not None else None
+        set_train_epoch_length(trainer, math.inf if length is None else length)
+        if not self._training and self._undo_estimate is None:
+            total = self._total_steps(trainer)
+            if total is not None:
+                self._undo_estimate = override_stepping_estimate(trainer, total)
+
+    def _give_back_loader(self, trainer: pl.Trainer) -> None:
+        twin, original = self._twin, self._original
+        if twin is None:
+            return
+        replace_train_dataloader(trainer, twin, original)
+        close_loader(twin)  # persistent workers of the twin: not the user's to keep
+        self._twin = self._original = None
+
+    # -- planning -------------------------------------------------------------------------------
+    def _make_plan(self, epoch: int, first_step: int) -> EpochPlan:
+        return plan_epoch(
+            epoch,
+            first_step,
+            self._request,
+            self._samples,
+            unit=self.unit,
+            base_accumulation=self._base_accumulation,
+            max_per_device=self._max,
+            drop_last=bool(self._sampler.drop_last) if self._sampler is not None else False,
+            largest_request=self.largest_batch_size(),
+        )
+
+    def _position(self, trainer: pl.Trainer) -> tuple[int, int, int]:
+        """``(epoch, optimizer step at the epoch's start, first batch)`` the loop continues from."""
+        epoch, step = trainer.current_epoch, trainer.global_step
+        loaded = self._loaded
+        if loaded and int(loaded.get("epoch", -1)) == epoch and 0 < int(loaded.get("batches_done", 0)):
+            return epoch, int(loaded["epoch_first_step"]), int(loaded["batches_done"])
+        return epoch, step, 0
+
+    def _prepare(self, trainer: pl.Trainer, at_build: bool = False) -> bool:
+        """Plan the epoch the loop is at and give it to the sampler; True if the plan changed."""
+        epoch, first_step, start = self._position(trainer)
+        key = (epoch, first_step, start)
+        if key == self._plan_key:
+            return False
+        plan = self._make_plan(epoch, first_step)
+        sampler = self._sampler
+        sampler.plan = plan.size_of  # type: ignore[union-attr]
+        sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        # A stateful loader (torchdata's StatefulDataLoader) whose checkpointed state Lightning is
+        # about to load positions itself, by replaying this deterministic plan; any other loader,
+        # or a re-created iterator, starts where the interrupted epoch stopped.
+        replays = at_build and _is_stateful(self._twin) and pending_loader_states(trainer)
+        sampler.start_batch = 0 if replays else start  # type: ignore[union-attr]
+        interval = trainer.val_check_interval
+        length = plan.length
+        if (
+            isinstance(interval, int)
+            and length is not None
+            and length < interval
+            and trainer.check_val_every_n_epoch is not None
+            and trainer.limit_val_batches != 0
+            and not validates_by_time(trainer)
+        ):
+            raise self._val_check_error(interval, f"epoch {epoch} has {length} batches")
+        self._plan, self._plan_key = plan, key
+        self._epoch_first_step, self._batches_done = first_step, start
+        trainer.accumulate_grad_batches = plan.accumulation
+        state = self._fit
+        state.batch.accumulation = plan.accumulation  # type: ignore[union-attr]
+        state.batch.per_device = plan.size_of(start)  # type: ignore[union-attr]
+        if not at_build:
+            set_train_epoch_length(trainer, math.inf if length is None else length)
+        return True
+
+    def _simulate(self, trainer: pl.Trainer) -> list[FitStep] | None:
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        if (max_epochs is None or max_epochs < 0) and max_steps < 0:
+            return None
+        if self._samples is None and max_steps < 0:
+            return None
+        return simulate_fit(self._make_plan, max_epochs, max_steps, trainer.limit_train_batches)
+
+    def _total_steps(self, trainer: pl.Trainer) -> int | None:
+        fit = self._simulate(trainer)
+        if fit is None or any(math.isinf(f.steps) for f in fit):
+            return None
+        return int(sum(f.steps for f in fit))
+
+    def _validate_fit(self, trainer: pl.Trainer) -> None:
+        """Refuse, before the first step, a configuration some epoch of the plan cannot honour."""
+        name = type(self).__name__
+        fit = self._simulate(trainer)
+        for f in fit or []:
+            if f.batches == 0:
+                raise ConfigurationError(
+                    f"{name}: limit_train_batches={trainer.limit_train_batches} leaves epoch {f.epoch} "
+                    f"with 0 batches (its batch size is {f.first_size}); use an int limit or a larger fraction"
+                )
+        interval = trainer.val_check_interval
+        if (
+            isinstance(interval, int)
+            and not validates_by_time(trainer)
+            and trainer.check_val_every_n_epoch is not None
+            and trainer.limit_val_batches != 0
+        ):
+            short = [f for f in fit or [] if f.batches < interval]
+            if short:
+                raise self._val_check_error(interval, f"epoch {short[0].epoch} has {short[0].batches} batches")
+        total = self._total_steps(trainer)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = getattr(config.scheduler, "scheduler", config.scheduler)
+            needed = getattr(scheduler, "total_steps", None)
+            if config.interval != "step" or needed is None:
+                continue
+            if total is None or needed < total:
+                raise ConfigurationError(
+                    f"{type(scheduler).__name__}(total_steps={needed}) would run out before the fit ends: "
+                    f"with {name} the fit takes {total if total is not None else 'an unknown number of'} "
+                    "optimizer steps. Size it from trainer.estimated_stepping_batches read in "
+                    "configure_optimizers (epochwise makes it exact), or use SampleBasedLRSchedule."
+                )
+
+    def _val_check_error(self, interval: int, where: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"{type(self).__name__}: val_check_interval={interval} batches is more than an epoch holds "
+            f"once the batch size changes ({where}), so validation would silently stop. Use a float "
+            "val_check_interval (a fraction of each epoch), or check_val_every_n_epoch=None to "
+            "validate every N batches across epochs."
+        )
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._undo_estimate is not None:
+            self._undo_estimate()
+            self._undo_estimate = None
+        if self._sampler is None:
+            raise RuntimeError(f"{type(self).__name__}: the train loader was built before setup('fit')")
+        self._training = True
+        if self.max_per_device == "auto" and self._probed_max is None:
+            from .batch_memory import probe_max_per_device
+
+            found = probe_max_per_device(pl_module, self._original, trainer.optimizers[0] if trainer.optimizers else None)
+            self._probed_max = max(1, int(trainer.strategy.broadcast(found, src=0)))
+            self._plan_key = None
+        if self._loaded is not None:
+            self._fit.batch.samples_seen = int(self._loaded.get("samples_seen", 0))  # type: ignore[union-attr]
+        if self._prepare(trainer):
+            restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
+        self._validate_fit(trainer)
+        self._loaded = None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        state = self._fit
+        plan = self._plan
+        state.batch.per_device = plan.size_of(batch_idx)  # type: ignore[union-attr]
+        state.count_batch(trainer.current_epoch, batch_idx, batch_length(batch))  # type: ignore[union-attr]
+        if plan.clamped and not self._warned_clamp:  # type: ignore[union-attr]
+            self._warned_clamp = True
+            rank_zero_warn(
+                f"{type(self).__name__}: step {plan.clamped[0]} asks for more than max_per_device="  # type: ignore[union-attr]
+                f"{self._max} per micro-batch; the micro-batch is capped (that step's effective batch "
+                "is smaller than scheduled)."
+            )
+        if trainer.loggers:
+            self._log_now(trainer)
+
+    def _log_now(self, trainer: pl.Trainer) -> None:
+        batch = self._fit.batch  # type: ignore[union-attr]
+        global_batch = batch.global_batch
+        if self._log.skip_step(trainer, float(batch.per_device or 0), float(global_batch or 0), float(batch.accumulation)):
+            return
+        self._log(
+            trainer,
+            {
+                "batch_size/per_device": float(batch.per_device or 0),
+                "batch_size/global": float(global_batch or 0),
+                "batch_size/accumulation": float(batch.accumulation),
+                "samples_seen": float(batch.samples_seen),
+            },
+        )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches_done = batch_idx + 1
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._end_fit(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_fit(trainer)
+
+    def _end_fit(self, trainer: pl.Trainer) -> None:
+        detach_callback(self)
+        if self._fit is None:
+            return
+        self._last_state = self.state_dict()
+        if self._undo_estimate is not None:
+            self._undo_estimate()
+        release_fit_state(trainer)
+        self._reset_fit()
+
+    # -- checkpointing --------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._fit is None:
+            return dict(self._last_state or {})
+        return {
+            "epoch": self._plan.epoch if self._plan is not None else 0,
+            "epoch_first_step": self._epoch_first_step,
+            "batches_done": self._batches_done,
+            "samples_seen": self._fit.batch.samples_seen,
+            "loader_batch_size": self._loader_batch_size,
+            "seed": self._seed_in_use,
+            "probed_max_per_device": self._probed_max,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+        self._last_state = dict(state_dict)
+        if state_dict.get("probed_max_per_device") is not None:
+            self._probed_max = int(state_dict["probed_max_per_device"])
+
+
+def _is_stateful(loader: Any) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))

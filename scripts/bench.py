@@ -1,0 +1,186 @@
+"""epochwise's speed, measured: what Lightning and every epochwise callback cost per training step.
+
+Arms, on the same model and data, interleaved over repeats (median of the per-repeat medians):
+
+- ``raw``: a plain PyTorch loop over the same DataLoader (same per-batch transform and precision);
+- ``lightning``: ``Trainer.fit`` with no callback of ours (TensorBoard logger at Lightning's cadence);
+- ``lightning+<Callback>``: each epochwise callback alone, set up so it changes no work (a batch
+  schedule that keeps the batch, a budget that never runs out, ...);
+- ``lightning+all``: all of them together.
+
+A step's time is the wall time from one ``on_train_batch_start`` to the next within an epoch
+(data loading, forward, backward, optimizer and every hook; validation and epoch ends excluded),
+from the second epoch on. Also measured:
+
+- ``host_us_per_step_all_callbacks``: what all callbacks add per step on a model so small that
+  host time dominates (an MLP on 8 px digits, batch 32), in microseconds;
+- ``batch_change_speedup``: time to the first batch of a new size, rebuilding a DataLoader with 2
+  workers vs the engine's in-place change at an epoch boundary;
+- ``mfu``: SimpleCNN at batch 256 in the raw loop, achieved FLOP/s over the machine's measured
+  float32 matmul peak (CPU; bf16 on a GPU).
+
+Writes ``results.json`` (one flat object) and ``results.md`` into ``--out`` and prints the table.
+
+Usage::
+
+    python scripts/bench.py --quick                      # under 2 minutes on 2 CPU cores
+    python scripts/bench.py --device cuda --model resnet20 --precision bf16-mixed --batch 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from epochwise.modules.runtime import tune_malloc  # noqa: E402
+
+tune_malloc()
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from bench_parts import (  # noqa: E402
+    SIDE,
+    ZERO_COST_CALLBACKS,
+    StepTimer,
+    batch_change_times,
+    make_data,
+    make_model,
+    matmul_peak_flops,
+    raw_step_times,
+    training_flops_per_sample,
+)
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+
+def lightning_step_times(args: argparse.Namespace, extra: list[Callback], epochs: int) -> list[float]:
+    pl.seed_everything(0, verbose=False)
+    data = make_data(args.model, args.batch, args.device, args.quick)
+    model = make_model(args.model, data)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+            precision=args.precision, logger=pl.loggers.TensorBoardLogger(tmp), enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=2, num_sanity_val_steps=0,
+            callbacks=[timer, *extra],
+        )
+        trainer.fit(model, datamodule=data)
+    return timer.times
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def all_callbacks(batch: int, side: int) -> list[Callback]:
+    return [make(batch, side) for make in ZERO_COST_CALLBACKS.values()]
+
+
+def run_arms(args: argparse.Namespace) -> dict[str, float]:
+    side = SIDE[args.model]
+    arms: dict[str, Callable[[], list[float]]] = {
+        "raw": lambda: raw_step_times(args.model, args.batch, args.device, args.precision, args.epochs, args.quick),
+        "lightning": lambda: lightning_step_times(args, [], args.epochs),
+    }
+    for name, make in ZERO_COST_CALLBACKS.items():
+        arms[f"lightning+{name}"] = (lambda make=make: lightning_step_times(args, [make(args.batch, side)], args.epochs))
+    arms["lightning+all"] = lambda: lightning_step_times(args, all_callbacks(args.batch, side), args.epochs)
+    per_repeat: dict[str, list[float]] = {name: [] for name in arms}
+    for repeat in range(args.repeats):  # interleaved: machine load hits every arm alike
+        for name, run in arms.items():
+            per_repeat[name].append(median_ms(run()))
+            print(f"  repeat {repeat + 1}/{args.repeats} {name:<40} {per_repeat[name][-1]:8.3f} ms/step", flush=True)
+    return {name: statistics.median(values) for name, values in per_repeat.items()}
+
+
+def host_overhead_us(args: argparse.Namespace) -> float:
+    tiny = argparse.Namespace(**{**vars(args), "model": "tiny_mlp", "batch": 32, "precision": "32-true"})
+    plain, full = [], []
+    for _ in range(args.repeats):
+        plain.append(median_ms(lightning_step_times(tiny, [], tiny.epochs)))
+        full.append(median_ms(lightning_step_times(tiny, all_callbacks(32, SIDE["tiny_mlp"]), tiny.epochs)))
+    return 1e3 * (statistics.median(full) - statistics.median(plain))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", choices=("simple_cnn", "resnet20"), default="simple_cnn")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (the first is warm-up)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller data set")
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.epochs = min(args.repeats, 3), 2
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+
+    print(f"step times: {args.model} batch {args.batch} {args.precision} on {args.device}")
+    step_ms = run_arms(args)
+    results: dict[str, float | str | int] = {f"step_ms_{k}": v for k, v in step_ms.items()}
+    light, raw, full = step_ms["lightning"], step_ms["raw"], step_ms["lightning+all"]
+    results.update({
+        "overhead_lightning_vs_raw": light / raw,
+        "overhead_all_callbacks_vs_raw": full / raw,
+        "overhead_all_callbacks_vs_lightning": full / light,
+    })
+    for name in ZERO_COST_CALLBACKS:
+        results[f"overhead_{name}_vs_lightning"] = step_ms[f"lightning+{name}"] / light
+    print("host time of all callbacks on a tiny model")
+    results["host_us_per_step_all_callbacks"] = host_overhead_us(args)
+    print("batch-size change: rebuild vs in place")
+    rebuild_ms, in_place_ms = batch_change_times(repeats=5 if args.quick else 15)
+    results.update({"batch_change_rebuild_ms": rebuild_ms, "batch_change_in_place_ms": in_place_ms,
+                    "batch_change_speedup": rebuild_ms / in_place_ms})
+    if args.device == "cpu":
+        print("MFU: SimpleCNN at batch 256, raw loop, float32")
+        peak = matmul_peak_flops("cpu", torch.float32)
+        cnn_ms = median_ms(raw_step_times("simple_cnn", 256, "cpu", "32-true", 2, args.quick))
+        flops = training_flops_per_sample("simple_cnn") * 256
+        results.update({"matmul_peak_gflops": peak / 1e9, "step_ms_simple_cnn_b256_raw": cnn_ms,
+                        "mfu": flops / (cnn_ms / 1e3) / peak})
+    results.update({
+        "device": args.device, "model": args.model, "batch": args.batch, "precision": args.precision,
+        "repeats": args.repeats, "cpus": os.cpu_count() or 0, "machine": platform.machine(),
+        "torch": torch.__version__, "lightning": pl.__version__, "seconds": time.perf_counter() - started,
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    table = markdown(results, list(step_ms))
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['seconds']:.0f} s")
+
+
+def markdown(results: dict, arms: list[str]) -> str:
+    light = results["step_ms_lightning"]
+    lines = [f"{results['model']} batch {results['batch']} {results['precision']} on {results['device']} "
+             f"(median of {results['repeats']} interleaved repeats)", "",
+             "| arm | ms / step | vs plain Lightning |", "|---|---|---|"]
+    for arm in arms:
+        ms = results[f"step_ms_{arm}"]
+        lines.append(f"| {arm} | {ms:.3f} | {ms / light:.3f}x |")
+    lines += ["", "| figure | value |", "|---|---|"]
+    for key in ("overhead_lightning_vs_raw", "overhead_all_callbacks_vs_raw", "overhead_all_callbacks_vs_lightning",
+                "host_us_per_step_all_callbacks", "batch_change_speedup", "mfu"):
+        if key in results:
+            lines.append(f"| {key} | {results[key]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
