@@ -135,7 +135,7 @@ class LearningCurveMonitor(Callback):
     Args:
         dirpath: folder for the PNG (default: the logger's run folder).
         filename: PNG file name.
-        metrics: the per-epoch metric names to record from ``trainer.callback_metrics``.
+        metrics: the per-epoch metric names to record from ``trainer.callback_metrics`` (one name or several).
         ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio: the diagnosis
             settings, see :func:`diagnose`.
 
@@ -165,7 +165,9 @@ class LearningCurveMonitor(Callback):
         check_str("filename", filename)
         if not filename.endswith(".png"):
             raise ConfigurationError(f"`filename` must end with '.png', got {filename!r}")
-        if isinstance(metrics, str) or not metrics:
+        if isinstance(metrics, str):
+            metrics = (metrics,)  # one metric name, not a sequence of characters
+        if not metrics:
             raise ConfigurationError(f"`metrics` must name at least one metric, got {metrics!r}")
         for name in metrics:
             check_str("metrics", name)
