@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._checks import ConfigurationError, check_bool, check_int, check_number
 from ._logging import CadenceLog
+from .engine import cached_state_key
 
 __all__ = ["TrainingBudget", "budget_fractions", "input_shape_key"]
 
@@ -165,7 +166,7 @@ class TrainingBudget(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
+        return cached_state_key(self, 
             max_samples=self.max_samples, max_optimizer_steps=self.max_optimizer_steps, max_flops=self.max_flops
         )
 

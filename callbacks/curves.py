@@ -26,6 +26,7 @@ from .curve_diagnosis import (
     ema_series,
     is_finite,
 )
+from .engine import cached_state_key
 
 __all__ = [
     "LearningCurveMonitor",
@@ -200,7 +201,7 @@ class LearningCurveMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(filename=self.filename)
+        return cached_state_key(self, filename=self.filename)
 
     @property
     def diagnosis(self) -> str | None:

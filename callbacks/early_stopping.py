@@ -25,6 +25,7 @@ from ._checks import (
 )
 from ._logging import log_metrics
 from .best_weights import BestWeights
+from .engine import cached_state_key
 from .stopping_rules import CheckOutcome, beats, evaluate_check, improvement_margin
 
 __all__ = ["EarlyStopping"]
@@ -290,6 +291,11 @@ class EarlyStopping(_LightningEarlyStopping):
             rank_zero_info(f"EarlyStopping: restored the weights of epoch {self.restored_epoch} ({self.monitor}).")
 
     # -- state ------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        # Lightning's key (monitor, mode), built once: Lightning reads it at every hook call
+        return cached_state_key(self, monitor=self.monitor, mode=self.mode)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()  # Lightning's keys, so Lightning's callback can load it
         state["best_epoch"] = self.best_epoch

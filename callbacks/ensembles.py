@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from ._checks import ConfigurationError, check_int, check_number, check_str
 from ._logging import CadenceLog, log_dir_of, log_metrics
+from .engine import cached_state_key
 from .lr_path import LRFactorCallback
 from .schedules import cosine_factor
 
@@ -228,7 +229,7 @@ class SnapshotEnsemble(LRFactorCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(cycle_epochs=self.cycle_epochs, num_cycles=self.num_cycles)
+        return cached_state_key(self, cycle_epochs=self.cycle_epochs, num_cycles=self.num_cycles)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

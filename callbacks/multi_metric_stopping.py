@@ -15,6 +15,7 @@ from torch import Tensor
 from ._checks import ConfigurationError, check_bool, check_choice, check_int, check_str
 from ._logging import log_metrics
 from .best_weights import BestWeights
+from .engine import cached_state_key
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
 
 __all__ = ["MultiMetricEarlyStopping"]
@@ -153,7 +154,7 @@ class MultiMetricEarlyStopping(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitors=[c.monitor for c in self.criteria], stop_when=self.stop_when)
+        return cached_state_key(self, monitors=[c.monitor for c in self.criteria], stop_when=self.stop_when)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
