@@ -8,7 +8,6 @@ import torch
 
 from epochwise.datamodules import DigitsDataModule
 from epochwise.modules import (
-    LARS,
     MLP,
     ImageClassifier,
     SimpleCNN,
@@ -36,24 +35,6 @@ def test_backbone_arguments():
         build_backbone("vgg")
     with pytest.raises(ValueError, match="num_classes"):
         SimpleCNN(num_classes=0)
-
-
-def test_lars_trust_ratio_and_validation():
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(4, 4))
-    b = torch.nn.Parameter(torch.zeros(4))
-    opt = LARS([w, b], lr=1.0, momentum=0.0, trust_coefficient=0.01)
-    w.grad, b.grad = torch.full((4, 4), 100.0), torch.ones(4)
-    before = w.detach().clone()
-    opt.step()
-    step = (before - w.detach()).norm()
-    # layer-wise: the update norm is trust_coefficient x ||w||, whatever the gradient scale
-    assert step.item() == pytest.approx(0.01 * before.norm().item(), rel=1e-4)
-    assert torch.allclose(b.detach(), -torch.ones(4))  # 1-D params: plain SGD
-    for kwargs, match in [(dict(lr=0), "learning rate"), (dict(momentum=1.0), "momentum"),
-                          (dict(weight_decay=-1), "weight_decay")]:
-        with pytest.raises(ValueError, match=match):
-            LARS([w], **kwargs)
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(optimizer="rmsprop"), "optimizer"),
