@@ -53,7 +53,7 @@ class LARS(torch.optim.Optimizer):
         >>> w = torch.nn.Parameter(torch.ones(3, 3))
         >>> opt = LARS([w], lr=0.1, momentum=0.0, trust_coefficient=0.01)
         >>> w.grad = torch.ones(3, 3); opt.step()
-        >>> round(float((1 - w[0, 0]) * 1000), 4)  # lr * eta * ||w|| / ||g|| * g = 1e-3
+        >>> round(float((1 - w.detach()[0, 0]) * 1000), 4)  # lr * eta * ||w|| / ||g|| * g = 1e-3
         1.0
     """
 
