@@ -111,6 +111,14 @@ def test_batch_transform_equals_the_whole_split_computation():
     assert raw.dtype == torch.uint8  # the stored images are never modified
 
 
+@pytest.mark.parametrize("shape,size", [((8, 8), 28), ((8, 5), 12), ((32, 32), 16), ((7, 9), 7)])
+def test_resizing_by_matmul_equals_bilinear_interpolation(shape, size):
+    x = torch.randint(0, 256, (4, 2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+    got = BatchTransform(torch.zeros(2), torch.ones(2) / 255, 255.0, image_size=size)(x)  # identity normalisation
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+
+
 def test_partition_rows_in_place_keeps_each_group_in_order(monkeypatch):
     import epochwise.datamodules.base as base
 
