@@ -42,6 +42,12 @@ class ImageArrays:
     """Raw splits: images ``(N, C, H, W)`` (``uint8`` or any dtype) and labels ``(N,)``.
 
     ``max_value`` is the stored value of white (``None``: 255 for ``uint8``, 1 for floats).
+
+    Example:
+        >>> a = ImageArrays(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.arange(8),
+        ...                 torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.arange(2))
+        >>> a.train_images.dtype, a.max_value
+        (torch.uint8, None)
     """
 
     train_images: Tensor
@@ -135,6 +141,18 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         device: where the splits live: ``None`` (host memory), ``"auto"`` (the Trainer's
             accelerator when it is a GPU with room to spare, see :func:`auto_device`), or a device
             such as ``"cuda"``, ``"cuda:1"``, ``"cpu"``.
+
+    Example:
+        >>> class Random(InMemoryImageDataModule):
+        ...     def load_arrays(self):
+        ...         g = torch.Generator().manual_seed(0)
+        ...         images = torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8, generator=g)
+        ...         return ImageArrays(images[:40], torch.arange(40) % 10, images[40:], torch.arange(10))
+        >>> dm = Random(batch_size=16, image_size=12)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> dm.train_set.images.dtype, tuple(x.shape), x.dtype
+        (torch.uint8, (16, 1, 12, 12), torch.float32)
     """
 
     num_classes: int = 10

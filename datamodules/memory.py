@@ -97,6 +97,12 @@ class GatheringView(Dataset):
 
     Kept separate from :class:`InMemoryImageDataset` so that a plain ``DataLoader`` over the
     dataset itself (default collate, one ``__getitem__`` per sample) keeps working.
+
+    Example:
+        >>> view = GatheringView(InMemoryImageDataset(torch.zeros(5, 1, 2, 2), torch.arange(5)))
+        >>> x, y = gather_collate(view.__getitems__([4, 0]))
+        >>> tuple(x.shape), y.tolist()
+        ((2, 1, 2, 2), [4, 0])
     """
 
     def __init__(self, dataset: InMemoryImageDataset) -> None:

@@ -26,6 +26,8 @@ from torch import Tensor
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from epochwise.modules._checks import check_bool
+
 from .base import ImageArrays, InMemoryImageDataModule
 
 __all__ = ["CIFAR10DataModule", "FashionMNISTDataModule", "MNISTDataModule"]
@@ -97,8 +99,10 @@ class _TorchvisionDataModule(InMemoryImageDataModule):
             split_seed=split_seed,
             device=device,
         )
+        if not isinstance(data_dir, (str, Path)) or not str(data_dir):
+            raise ValueError(f"`data_dir` must be a non-empty path (str or Path), got {data_dir!r}")
         self.data_dir = Path(data_dir)
-        self.download = download
+        self.download = check_bool("download", download)
         self.save_hyperparameters()
 
     # -- format-specific hooks ----------------------------------------------------------------

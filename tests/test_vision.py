@@ -312,6 +312,10 @@ def test_failed_download_names_the_missing_files(
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"image_size": 0}, "image_size"),
         ({"augment_shift": -1}, "augment_shift"),
+        ({"download": 1}, "download"),
+        ({"seed": True}, "seed"),
+        ({"split_seed": 0.5}, "split_seed"),
+        ({"device": "tpu:x"}, "device"),
     ],
 )
 def test_bad_arguments_raise_value_error(
