@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from epochwise.modules._checks import check_bool, check_int, check_number
 
 from .memory import InMemoryImageDataset, make_loader
-from .preprocess import BatchTransform, channel_stats
+from .preprocess import BatchTransform, channel_stats, one_thread
 from .sampler import SeededRandomSampler
 
 __all__ = ["ImageArrays", "InMemoryImageDataModule", "check_loader_args", "partition_rows_", "auto_device"]
@@ -85,12 +85,13 @@ def partition_rows_(x: Tensor, first: Tensor) -> Tensor:
     tail = rows_of.index_select(0, rest.to(x.device))  # saved before head rows overwrite them
     row_bytes = max(1, x[0].numel() * x.element_size()) if len(x) else 1
     rows = max(1, _PARTITION_CHUNK_BYTES // row_bytes)
-    for start in range(0, len(head), rows):
-        src = head[start : start + rows]
-        if int(src[0]) == start and int(src[-1]) == start + len(src) - 1:
-            continue  # already in place (head is sorted and unique)
-        # Each head row moves to an index <= its own, so later chunks still read unmoved rows.
-        rows_of[start : start + len(src)] = rows_of.index_select(0, src.to(x.device))
+    with one_thread():  # many small copies: see one_thread
+        for start in range(0, len(head), rows):
+            src = head[start : start + rows]
+            if int(src[0]) == start and int(src[-1]) == start + len(src) - 1:
+                continue  # already in place (head is sorted and unique)
+            # Each head row moves to an index <= its own, so later chunks still read unmoved rows.
+            rows_of[start : start + len(src)] = rows_of.index_select(0, src.to(x.device))
     rows_of[len(head) :] = tail
     return torch.cat([head, rest])
 
