@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ._checks import check_bool, check_choice, check_int, check_number
+from epochwise.datamodules._checks import check_bool, check_choice, check_int, check_number
+
 from .backbones import BACKBONE_NAMES, build_backbone
 from .optim import LARS
 
