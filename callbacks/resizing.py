@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import Tensor
@@ -174,7 +174,7 @@ class ProgressiveResizing(BatchSizeController):
         finetune_fraction: float | None = None,
         delay_fraction: float | None = None,
         size_increment: int | None = None,
-        mode: str = "resize",
+        mode: Literal["resize", "crop"] = "resize",
         antialias: bool = True,
         input_key: int | str = 0,
         couple_batch_size: bool = True,
