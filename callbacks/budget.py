@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._checks import ConfigurationError, check_bool, check_int, check_number
 from ._logging import CadenceLog
 from .engine import cached_state_key
-from .stop_notices import announce_stop
+from .stop_notices import announce_stop, forget_notices
 
 __all__ = ["TrainingBudget", "budget_fractions", "input_shape_key"]
 
@@ -181,7 +181,7 @@ class TrainingBudget(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new budget for every fit; a resume loads the counts after this
             self._reset()
-            self.__dict__.pop("_stop_notice", None)
+            forget_notices(self)
 
     # -- FLOPs: measured on the first batch of every input shape ------------------------------------
     def on_train_batch_start(

@@ -26,7 +26,7 @@ from ._checks import (
 from ._logging import log_metrics
 from .best_weights import BestWeights
 from .engine import cached_state_key
-from .stop_notices import announce_restore, announce_stop
+from .stop_notices import announce_restore, announce_stop, forget_notices
 from .stopping_rules import CheckOutcome, beats, evaluate_check, improvement_margin
 
 __all__ = ["EarlyStopping"]
@@ -260,7 +260,8 @@ class EarlyStopping(_LightningEarlyStopping):
         if self._outcome is None:  # metric missing (strict=False) or fast_dev_run: nothing decided
             return
         if self._outcome.should_stop and self.stopping_reason_message:
-            announce_stop(self, trainer.current_epoch, self.stopping_reason_message)
+            patience = self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+            announce_stop(self, trainer.current_epoch, self.stopping_reason_message, no_improvement=patience)
         if self._rule_is_new_best:
             self.best_epoch = trainer.current_epoch
             if self.restore_best_weights:
@@ -279,8 +280,7 @@ class EarlyStopping(_LightningEarlyStopping):
         if stage == "fit":  # Lightning's counters carry over (drop-in); the weights copy does not
             self.best_weights.setup(trainer)
             self.restored_epoch = None
-            self.__dict__.pop("_stop_notice", None)
-            self.__dict__.pop("_restore_notice", None)
+            forget_notices(self)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.restore_best_weights:

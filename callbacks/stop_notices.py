@@ -12,13 +12,19 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-__all__ = ["announce_stop", "announce_restore", "stop_reasons"]
+__all__ = ["announce_stop", "announce_restore", "stop_reasons", "fit_stop", "forget_notices"]
 
 
-def announce_stop(callback: Any, epoch: int, reason: str) -> str:
-    """Say (rank zero) that ``callback`` ends the fit at ``epoch`` (0-based), and why; returns the line."""
-    line = f"{type(callback).__name__} stopped the fit at epoch {epoch}: {reason.replace(' Signaling Trainer to stop.', '')}"
+def announce_stop(callback: Any, epoch: int, reason: str, no_improvement: bool = False) -> str:
+    """Say (rank zero) that ``callback`` ends the fit at ``epoch`` (0-based), and why; returns the line.
+
+    ``no_improvement``: the stop is a patience running out (the monitored value stopped improving),
+    which a learning-curve diagnosis must not contradict.
+    """
+    reason = reason.replace(" Signaling Trainer to stop.", "")
+    line = f"{type(callback).__name__} stopped the fit at epoch {epoch}: {reason}"
     callback._stop_notice = line
+    callback._stop_record = (epoch, reason, no_improvement)
     rank_zero_info(f"epochwise: {line}")
     return line
 
@@ -46,3 +52,18 @@ def stop_reasons(trainer: pl.Trainer) -> list[str]:
             if line:
                 lines.append(line)
     return lines
+
+
+def fit_stop(trainer: pl.Trainer) -> tuple[int, str, bool] | None:
+    """``(epoch, reason, no_improvement)`` of the first callback that stopped this fit, else ``None``."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        record = callback.__dict__.get("_stop_record")
+        if record is not None:
+            return record
+    return None
+
+
+def forget_notices(callback: Any) -> None:
+    """A new fit: drop the notices of the last one (called from ``setup("fit")``)."""
+    for name in ("_stop_notice", "_restore_notice", "_stop_record"):
+        callback.__dict__.pop(name, None)

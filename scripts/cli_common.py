@@ -200,7 +200,7 @@ def run_cli(build: Callable[[list[str] | None], Any], args: list[str] | None = N
     sys.exit(2)
 
 
-def print_summary(cli: LightningCLI, best: str, png: str | None, extra: dict[str, str]) -> None:
+def print_summary(cli: LightningCLI, best: str, png: str | None, extra: dict[str, str | list[str]]) -> None:
     """The end-of-run summary (rank zero): where everything went, and why the fit stopped."""
     trainer = cli.trainer
     if not trainer.is_global_zero:
@@ -212,7 +212,8 @@ def print_summary(cli: LightningCLI, best: str, png: str | None, extra: dict[str
     print(f"best checkpoint:    {best or '(none)'}")
     print(f"learning curves:    {png or '(none)'}")
     for key, value in extra.items():
-        print(f"{key + ':':<20}{value}")
+        for i, line in enumerate(value if isinstance(value, list) else [value]):
+            print(f"{(key + ':') if i == 0 else '':<20}{line}")
 
 
 def traceback_text(error: BaseException) -> str:

@@ -30,6 +30,7 @@ MALLOC_TUNED = tune_malloc() if not os.environ.get("EPOCHWISE_NO_MALLOC_TUNING")
 
 import lightning.pytorch as pl  # noqa: E402
 from cli_common import OneLineParser, print_summary, run_cli  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
@@ -61,6 +62,16 @@ class EpochwiseCLI(LightningCLI):
         parser.link_arguments("data", "model.in_channels", compute_fn=_channels, apply_on="instantiate")
         parser.link_arguments("data", "model.num_classes", compute_fn=_classes, apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        # Lightning's default logger, without the hp_metric placeholder it writes once as -1
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            save_dir = config.trainer.default_root_dir or os.getcwd()
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=save_dir, name="lightning_logs", default_hp_metric=False),
+            )
+
     def after_fit(self) -> None:
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
@@ -68,7 +79,7 @@ class EpochwiseCLI(LightningCLI):
         if not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
         curves = next((c for c in trainer.callbacks if isinstance(c, LearningCurveMonitor)), None)
-        extra = {"stopped": "; ".join(stop_reasons(trainer)) or "max_epochs/max_steps reached",
+        extra = {"stopped": stop_reasons(trainer) or "max_epochs/max_steps reached",
                  "malloc tuning": "on" if MALLOC_TUNED else "off"}
         print_summary(self, best, getattr(curves, "png_path", None), extra)
 
