@@ -10,6 +10,7 @@ Set ``EPOCHWISE_TRACEBACK=1`` (or pass ``--traceback``) for the full traceback i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -18,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lightning.pytorch as pl
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from epochwise.callbacks import ConfigurationError
@@ -28,6 +31,23 @@ TRACEBACK_ENV = "EPOCHWISE_TRACEBACK"
 #: errors a user's recipe, flags or files cause: one line, exit status 2
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigurationError, ValueError, TypeError, FileNotFoundError,
                                                 NotADirectoryError, KeyError)
+
+
+_CHATTY = ("lightning.pytorch", "lightning.fabric")
+
+
+def quiet_lightning() -> None:
+    """Hold back Lightning's info lines (until :class:`LoudAgain` at the start of the fit)."""
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class LoudAgain(Callback):
+    """Lightning's info lines (model summary, epochwise's stop notices) from the start of the fit on."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.INFO)
 
 
 class RecipeError(Exception):

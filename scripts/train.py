@@ -29,7 +29,7 @@ from epochwise.modules.runtime import tune_malloc  # noqa: E402
 MALLOC_TUNED = tune_malloc() if not os.environ.get("EPOCHWISE_NO_MALLOC_TUNING") else False
 
 import lightning.pytorch as pl  # noqa: E402
-from cli_common import OneLineParser, print_summary, run_cli  # noqa: E402
+from cli_common import LoudAgain, OneLineParser, print_summary, quiet_lightning, run_cli  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -72,6 +72,9 @@ class EpochwiseCLI(LightningCLI):
                 init_args=Namespace(save_dir=save_dir, name="lightning_logs", default_hp_metric=False),
             )
 
+    def before_fit(self) -> None:
+        self.trainer.callbacks.insert(0, LoudAgain())  # Lightning info lines again once the fit starts
+
     def after_fit(self) -> None:
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
@@ -106,7 +109,12 @@ def build(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
-    """The command line entry point: :func:`build` with one-line errors (exit status 2)."""
+    """The command line entry point: :func:`build` with one-line errors (exit status 2).
+
+    Lightning's info lines ("GPU available", "Seed set") are held back until the fit starts, so a
+    mistake found before (in a recipe, a flag, the data files) is the only line on stderr.
+    """
+    quiet_lightning()
     return run_cli(lambda argv: build(argv, run=run), args)
 
 
