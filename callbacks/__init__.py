@@ -9,8 +9,8 @@ from .batch_memory import (
     probe_max_per_device,
 )
 from .batch_size import BatchSizeSchedule, BatchSizeWarmup
-from .controller import BatchSizeController
 from .budget import TrainingBudget, budget_fractions
+from .controller import BatchSizeController
 from .curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,
@@ -29,6 +29,8 @@ from .ensembles import (
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .one_cycle import OneCycleBatchLR
+from .one_cycle_schedules import OneCycleBatchLRSchedule
 from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
@@ -110,4 +112,6 @@ __all__ = [
     "ResizeStage",
     "coupled_batch_size",
     "resize_batch",
+    "OneCycleBatchLR",
+    "OneCycleBatchLRSchedule",
 ]
