@@ -11,6 +11,8 @@ from .batch_memory import (
 from .batch_size import BatchSizeSchedule, BatchSizeWarmup
 from .budget import TrainingBudget, budget_fractions
 from .controller import BatchSizeController
+from .curriculum import CurriculumSampling
+from .curriculum_schedules import CurriculumPacing
 from .curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,
@@ -114,4 +116,6 @@ __all__ = [
     "resize_batch",
     "OneCycleBatchLR",
     "OneCycleBatchLRSchedule",
+    "CurriculumSampling",
+    "CurriculumPacing",
 ]
