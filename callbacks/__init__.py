@@ -43,6 +43,8 @@ from .resizing import (
     resize_batch,
 )
 from .schedules import MilestoneSchedule, WarmupSchedule, lr_scale
+from .seq_len import SequenceLengthWarmup
+from .seq_len_schedules import SequenceLengthSchedule, coupled_batch_for_length, truncate_sequences
 from .stopping import (
     EarlyStopping,
     MetricCriterion,
@@ -118,4 +120,8 @@ __all__ = [
     "OneCycleBatchLRSchedule",
     "CurriculumSampling",
     "CurriculumPacing",
+    "SequenceLengthWarmup",
+    "SequenceLengthSchedule",
+    "coupled_batch_for_length",
+    "truncate_sequences",
 ]
