@@ -8,6 +8,7 @@ coupled, owns the batch size through the batch-size engine (it is a
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import MutableMapping, Sequence
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from epochwise.datamodules.sampler import epoch_seed
 from ._checks import ConfigurationError, check_bool, check_choice, check_int, check_number
 from ._logging import CadenceLog
 from .controller import BatchSizeController
+from .schedules import split_for_max_per_device
 from .seq_len_schedules import SequenceLengthSchedule, coupled_batch_for_length, truncate_sequences
 
 __all__ = ["SequenceLengthWarmup", "SequenceLengthSchedule", "coupled_batch_for_length", "truncate_sequences"]
@@ -173,19 +175,25 @@ class SequenceLengthWarmup(BatchSizeController):
         if not self.couple_batch_size:
             return
         super().on_train_start(trainer, pl_module)
-        base = int(self._base() or 1)
-        full = base * self.schedule.end_len
-        worst = max(
-            (abs(coupled_batch_for_length(base, self.schedule.end_len, n, self.min_batch_size, self.max_batch_size)
-                 * n - full) / full, n)
-            for n in self.schedule.lengths()
-        )
+        worst = max((abs(self._step_tokens(n) / self._full_tokens() - 1.0), n) for n in self.schedule.lengths())
         if worst[0] > 0.05:
             rank_zero_warn(
                 f"SequenceLengthWarmup: at length {worst[1]} a step holds {worst[0]:.0%} more or fewer tokens "
-                f"than at full length (batch {base} x {self.schedule.end_len}); a larger base batch or "
-                "max_batch_size keeps them level"
+                f"than at full length (batch {self._base()} x {self.schedule.end_len}); a larger base batch, "
+                "max_per_device or max_batch_size keeps them level"
             )
+
+    def _full_tokens(self) -> int:
+        return int(self._base() or 1) * self.schedule.end_len
+
+    def _step_tokens(self, length: int) -> int:
+        """Tokens per device and optimizer step at ``length``, with the ``max_per_device`` split of the
+        largest request (a stream's, and a bound for any epoch's: a smaller split rounds finer)."""
+        batch = coupled_batch_for_length(
+            int(self._base() or 1), self.schedule.end_len, length, self.min_batch_size, self.max_batch_size
+        )
+        extra = split_for_max_per_device(int(self.largest_batch_size() or batch), self._max)[1]
+        return max(1, int(math.floor(batch / extra + 0.5))) * extra * length
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,12 @@ from epochwise.callbacks import (
     CurriculumSampling,
     OneCycleBatchLR,
     OneCycleBatchLRSchedule,
+    SequenceLengthSchedule,
+    SequenceLengthWarmup,
+    coupled_batch_for_length,
 )
+from epochwise.datamodules.text import GeneratedTextDataModule
+from epochwise.modules.language_model import CausalLM
 
 from conftest import RecordingModule, quiet_trainer
 
@@ -114,3 +119,40 @@ def test_curriculum_by_loss_under_ddp_one_global_order_each_rank_its_shard(tmp_p
                     scores[i] = value
     gathers = [c for c in ranks[0]["calls"] if c["epochwise"] and c["collective"].startswith("all_gather")]
     assert gathers and all("on_train_epoch_end" in c["epochwise"] for c in gathers)
+
+
+class RankLM(CausalLM):
+    def __init__(self, out_dir: str, counter: Counter):
+        super().__init__(vocab_size=28, d_model=16, num_layers=1, num_heads=2, max_len=64, lr=1e-3)
+        self.out_dir, self.counter = out_dir, counter
+        self.rows: list[list] = []
+
+    def training_step(self, batch, batch_idx):
+        self.rows.append([self.global_step, list(batch[0].shape), list(batch[1].shape)])
+        return super().training_step(batch, batch_idx)
+
+    def teardown(self, stage):
+        with open(f"{self.out_dir}/rank{self.global_rank}.json", "w") as f:
+            json.dump({"rows": self.rows, "calls": self.counter.calls}, f)
+
+
+@pytest.mark.slow
+def test_sequence_length_warmup_on_a_stream_under_ddp_same_length_and_coupled_batch_on_both_ranks(tmp_path):
+    counter = Counter()
+    trainer = quiet_trainer(strategy="ddp_spawn", devices=2, max_steps=8, limit_val_batches=0,
+                            callbacks=[counter, SequenceLengthWarmup(8, 32, warmup_steps=4, max_per_device=32)])
+    trainer.fit(RankLM(str(tmp_path), counter), datamodule=GeneratedTextDataModule(seq_len=32, batch_size=16))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["rows"] == ranks[1]["rows"]
+    schedule, tokens = SequenceLengthSchedule(8, 32, 4, 8), {}
+    for step, xs, ys in ranks[0]["rows"]:
+        length = schedule(step)
+        batch = coupled_batch_for_length(16, 32, length)
+        # a stream's accumulation is fixed by its largest request (16 x 32 / 8 = 64 -> 2 x 32)
+        assert xs == ys and xs[1] == length and xs[0] == math.floor(batch / 2 + 0.5), step
+        tokens[step] = tokens.get(step, 0) + 2 * xs[0] * xs[1]  # both ranks
+    assert sorted(tokens) == list(range(8))
+    assert all(abs(t - 2 * 16 * 32) / (2 * 16 * 32) <= 0.05 for t in tokens.values()), tokens
+    assert ranks[0]["rows"][0][1] == [32, 8] and tokens[3] == 2 * 2 * 11 * 24  # 21 -> 2 x 11 at length 24
+    for rank in ranks:
+        assert [c for c in rank["calls"] if c["epochwise"] and c["per_step"]] == []
