@@ -38,6 +38,9 @@ class ImageClassifier(pl.LightningModule):
         step_size, step_gamma: StepLR settings.
         plateau_factor, plateau_patience: ReduceLROnPlateau settings.
         label_smoothing: cross-entropy label smoothing.
+        per_sample_loss: ``training_step`` returns ``{"loss": mean, "per_sample_loss": losses}``
+            (each sample's loss, detached), for callbacks that score samples by their own loss
+            (``CurriculumSampling(difficulty="loss")``); no extra computation.
 
     Example:
         >>> model = ImageClassifier(optimizer="sgd", lr=0.1, scheduler="cosine")
@@ -60,6 +63,7 @@ class ImageClassifier(pl.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 3,
         label_smoothing: float = 0.0,
+        per_sample_loss: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in ("adam", "sgd", "adamw", "lars"):
@@ -82,10 +86,15 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+    def _shared_step(self, batch: Any, stage: str, per_sample: list[Tensor] | None = None) -> Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if per_sample is None:
+            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        else:  # the same mean, keeping each sample's loss
+            losses = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing, reduction="none")
+            per_sample.append(losses.detach())
+            loss = losses.mean()
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         n = x.shape[0]
@@ -94,8 +103,12 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=n)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if not self.hparams.get("per_sample_loss", False):
+            return self._shared_step(batch, "train")
+        losses: list[Tensor] = []
+        loss = self._shared_step(batch, "train", losses)
+        return {"loss": loss, "per_sample_loss": losses[0]}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -171,3 +171,16 @@ def test_what_a_curriculum_cannot_order_is_refused_before_training():
     for bad in ({"difficulty": "hard"}, {"difficulty": [1.0, float("nan")]}, {"difficulty": [1.0], "full_at": 0}):
         with pytest.raises(ValueError):
             CurriculumSampling(**bad)
+
+
+def test_image_classifier_returns_per_sample_losses_for_a_loss_curriculum():
+    from epochwise.modules import ImageClassifier
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 10, (24,), generator=g))
+    model = ImageClassifier(per_sample_loss=True)
+    callback = CurriculumSampling("loss", start_fraction=0.5, full_at=1.0)
+    quiet_trainer(callbacks=[callback], max_epochs=2).fit(model, train_dataloaders=DataLoader(data, batch_size=8))
+    scores = callback.state_dict()["scores"]
+    assert scores.shape == (24,) and bool(torch.isfinite(scores).all())  # every sample scored in epoch 0
+    assert callback.state_dict()["samples_seen"] == 24 + 18  # then the easiest 75% (t = 1/2)
