@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from test_engine_matrix import CONFIGS, LOADER_BATCH, ImageStream, MatrixModule, N, images
 from torch.utils.data import DataLoader
 
 from epochwise.callbacks import LRWarmup, OneCycleBatchLR, OneCycleBatchLRSchedule
@@ -37,41 +38,45 @@ def split(size: int, limit: int | None) -> int:
 def expected(n, base, epochs, schedule, total, acc=1, limit_pd=None, limit_batches=None, drop_last=False,
              world=1, max_steps=None, lr_of_epoch=lambda e: LR):
     """(epoch, step, size, lr) of every batch: each step's batch and LR come from the samples (all
-    ranks) trained before it; an epoch's requests are split by the split of its largest one."""
+    ranks) trained before it; an epoch's requests are split by the split of its largest one; then
+    Lightning's limits cut the epoch (an int caps its batches, a float scales them) and max_steps
+    the fit."""
     rows, seen, step = [], 0, 0
     for epoch in range(epochs):
         k = 1
         for _ in range(10):
-            epoch_rows, largest, s, st = [], 1, seen, step
-            remaining, batches = n, 0
-            while remaining > 0 and (limit_batches is None or batches < limit_batches):
-                if max_steps is not None and st >= max_steps:
-                    break
+            epoch_rows, largest, s, st, remaining = [], 1, seen, step, n
+            while remaining > 0 and len(epoch_rows) < 10_000:  # a stream: far enough
                 p = min(1.0, s / total)
                 request = schedule.batch_size(p, base)
                 largest = max(largest, request)
                 micro = max(1, half_up(request / k))
-                trained = 0
+                step_rows = []
                 for _ in range(acc * k):
-                    if remaining <= 0 or (limit_batches is not None and batches >= limit_batches):
-                        break
-                    if drop_last and remaining < micro:
+                    if remaining <= 0 or (drop_last and remaining < micro):
                         remaining = 0
                         break
-                    size = min(micro, remaining)
-                    epoch_rows.append((epoch, st, size, lr_of_epoch(epoch) * schedule.lr_factor(p)))
+                    step_rows.append((epoch, st, min(micro, remaining), lr_of_epoch(epoch) * schedule.lr_factor(p)))
                     remaining -= micro
-                    trained += size
-                    batches += 1
-                if trained == 0:
+                if not step_rows:
                     break
-                s += trained * world
+                epoch_rows += step_rows
+                s += world * sum(r[2] for r in step_rows)
                 st += 1
             if split(largest, limit_pd) == k:
                 break
             k = split(largest, limit_pd)
+        if limit_batches is not None:
+            length = len(epoch_rows)
+            keep = min(length, limit_batches) if isinstance(limit_batches, int) else int(length * limit_batches)
+            epoch_rows = epoch_rows[:keep]
+        if max_steps is not None:
+            epoch_rows = [r for r in epoch_rows if r[1] < max_steps]
         rows += epoch_rows
-        seen, step = s, st
+        seen += world * sum(r[2] for r in epoch_rows)
+        step = epoch_rows[-1][1] + 1 if epoch_rows else step
+        if max_steps is not None and step >= max_steps:
+            break
     return rows
 
 
@@ -210,3 +215,19 @@ def test_a_mid_epoch_resume_continues_the_same_sizes_lrs_and_samples(tmp_path):
     assert [r[:4] for r in merged] == [r[:4] for r in full]
     assert [r[4] for r in merged] == pytest.approx([r[4] for r in full], rel=1e-12)
     assert [r[5] for r in merged] == pytest.approx([r[5] for r in full])  # the very same samples
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_exact_in_every_configuration_of_the_engine_matrix(config):
+    """The rows of tests/test_engine_matrix.py, with OneCycleBatchLR as the column (sizes and LRs)."""
+    cfg = CONFIGS[config]
+    t = {"max_epochs": 3, **cfg.trainer}
+    module = MatrixModule(manual=cfg.manual)
+    loader = DataLoader(ImageStream() if cfg.stream else images(), batch_size=LOADER_BATCH, shuffle=not cfg.stream)
+    trainer = quiet_trainer(callbacks=[OneCycleBatchLR(total_samples=150)], **t)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader(images(12), batch_size=12))
+    want = expected(10**9 if cfg.stream else N, LOADER_BATCH, max(1, t["max_epochs"]), SHAPE, total=150,
+                    acc=1 if cfg.manual else t.get("accumulate_grad_batches", 1),
+                    limit_batches=t.get("limit_train_batches"), max_steps=t.get("max_steps"))
+    assert [(e, s, n) for e, s, _, n, _, _ in module.records] == [w[:3] for w in want]
+    assert [r[5] for r in module.records] == pytest.approx([w[3] for w in want], rel=1e-12)
