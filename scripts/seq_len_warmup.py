@@ -9,7 +9,7 @@ time is measured inside the process from the start of training to that validatio
 excluded, validation included: both arms validate every ``val_check_interval`` steps at the same
 tokens per step). Also recorded: optimizer steps, training tokens, the 1-minute load average.
 
-    python scripts/seq_len_warmup.py --seeds 0 1 2 --target 1.25
+    python scripts/seq_len_warmup.py --seeds 0 1 2 --target 0.35 --max-steps 1000
 
 Prints the median per arm and writes ``runs/seq_len_warmup.json``.
 """
@@ -100,7 +100,7 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(RECIPE))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--target", type=float, default=1.25, help="validation loss to reach")
+    parser.add_argument("--target", type=float, default=0.35, help="validation loss to reach")
     parser.add_argument("--arms", nargs="+", default=["warmup", "fixed"])
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
