@@ -12,6 +12,8 @@ from .batch_size import BatchSizeSchedule, BatchSizeWarmup
 from .best_weights import BestWeights
 from .budget import TrainingBudget, budget_fractions
 from .controller import BatchSizeController
+from .curriculum import CurriculumSampling
+from .curriculum_schedules import CurriculumPacing
 from .curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,
@@ -33,6 +35,8 @@ from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .lr_path import LRFactorCallback, LRMonitor, LRPath, ScaledScheduler
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
 from .multi_metric_stopping import MultiMetricEarlyStopping
+from .one_cycle import OneCycleBatchLR
+from .one_cycle_schedules import OneCycleBatchLRSchedule
 from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
@@ -43,6 +47,8 @@ from .resizing import (
     resize_batch,
 )
 from .schedules import MilestoneSchedule, WarmupSchedule, lr_scale
+from .seq_len import SequenceLengthWarmup
+from .seq_len_schedules import SequenceLengthSchedule, coupled_batch_for_length, truncate_sequences
 from .significance import significant_improvement, welch_t_test
 from .stopping_rules import evaluate_check, improved, improvement_margin
 
@@ -106,4 +112,12 @@ __all__ = [
     "ResizeStage",
     "coupled_batch_size",
     "resize_batch",
+    "OneCycleBatchLR",
+    "OneCycleBatchLRSchedule",
+    "CurriculumSampling",
+    "CurriculumPacing",
+    "SequenceLengthWarmup",
+    "SequenceLengthSchedule",
+    "coupled_batch_for_length",
+    "truncate_sequences",
 ]

@@ -18,6 +18,7 @@ the same index sampler — before Lightning measures it or starts its workers. S
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -111,6 +112,23 @@ class BatchSizeController(Callback):
 
     def largest_batch_size(self) -> int | None:
         """The largest size the schedule ever asks for (fixes the accumulation of an endless stream)."""
+        return None
+
+    def epoch_samples(self, epoch: int) -> int | None:
+        """Samples this rank trains on in epoch ``epoch`` (``None``: a stream without length).
+
+        Default: the train loader's sampler length, every epoch. A subclass that also chooses the
+        epoch's samples (:meth:`epoch_order`) says how many there are, so the plan and the whole-fit
+        simulation stay exact.
+        """
+        return self._samples
+
+    def epoch_order(self, epoch: int) -> Sequence[int] | None:
+        """This rank's dataset indices for epoch ``epoch``, in order (``None``: the loader's own order).
+
+        Handed to the resizable sampler as its ``order``: a subclass returns the same global order
+        on every rank, then this rank's shard, and ``len()`` of it must be :meth:`epoch_samples`.
+        """
         return None
 
     def _request(self, epoch: int, step: int) -> int:
@@ -259,6 +277,7 @@ class BatchSizeController(Callback):
             )
         twin = resizable_copy(loader, self._loader_batch_size, seed=self._seed_in_use)
         sampler = twin.batch_sampler
+        sampler.order = self.epoch_order
         self._give_back_loader(trainer)  # a reload: the previous twin is finished
         self._original, self._twin, self._sampler, self._samples = loader, twin, sampler, samples
         self._plan_key = None
@@ -287,7 +306,7 @@ class BatchSizeController(Callback):
             epoch,
             first_step,
             self._request,
-            self._samples,
+            self.epoch_samples(epoch),
             unit=self.unit,
             base_accumulation=self._base_accumulation,
             max_per_device=self._max,

@@ -9,7 +9,7 @@ from ``(seed, epoch)`` alone, so a resumed or reloaded run sees the order an uni
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from itertools import islice
 
 import torch
@@ -108,7 +108,9 @@ class ResizableBatchSampler(BatchSampler):
     ``(seed, epoch)``; any other sampler is iterated as it is. ``start_batch = k`` makes the next
     iteration begin at batch ``k`` of the epoch (skipping the samples of batches ``0..k-1``: a
     mid-epoch resume); ``__len__`` still counts the whole epoch, as Lightning expects of a resumed
-    loader. Over an ``IterableDataset`` (the sampler yields ``None`` forever) the sizes say how many
+    loader. ``order = f`` hands the order of each epoch to someone else (a curriculum): ``f(epoch)``
+    returns the dataset indices of this epoch for this process, in order, or ``None`` for the
+    wrapped sampler's own order; the epoch then has ``len(f(epoch))`` samples. Over an ``IterableDataset`` (the sampler yields ``None`` forever) the sizes say how many
     items each batch pulls from the stream, and ``len()`` raises ``TypeError``.
 
     Args:
@@ -131,6 +133,9 @@ class ResizableBatchSampler(BatchSampler):
         >>> bs.start_batch = 2
         >>> list(bs), len(bs)
         ([[3, 4, 5, 6], [7, 8, 9]], 4)
+        >>> bs.plan = None; bs.order = lambda epoch: [9, 7, 5, 3, 1]
+        >>> list(bs), len(bs)
+        ([[9, 7, 5], [3, 1]], 2)
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class ResizableBatchSampler(BatchSampler):
         self.seed = seed
         self.epoch = 0
         self.plan: Callable[[int], int] | None = None
+        self.order: Callable[[int], Sequence[int] | None] | None = None
         self.start_batch = 0
 
     # -- transitional: the wave-1 in-place adoption, removed with the wave-1 controller -------------
@@ -172,7 +178,14 @@ class ResizableBatchSampler(BatchSampler):
         if callable(set_epoch):
             set_epoch(self.epoch)
 
+    def _ordered(self) -> Sequence[int] | None:
+        """The epoch's indices given by ``order`` (``None``: no order hook, or it defers)."""
+        return self.order(self.epoch) if self.order is not None else None
+
     def _epoch_indices(self) -> Iterator[int]:
+        ordered = self._ordered()
+        if ordered is not None:
+            return iter(ordered)
         inner = self.sampler
         if _is(inner, RandomSampler, "RandomSampler") and self.seed is not None:
             private = RandomSampler(
@@ -199,7 +212,9 @@ class ResizableBatchSampler(BatchSampler):
             i += 1
 
     def __len__(self) -> int:
-        remaining = len(self.sampler)  # type: ignore[arg-type]  # TypeError for a stream: Lightning's "inf"
+        ordered = self._ordered()
+        # TypeError for a stream: Lightning's "inf"
+        remaining = len(ordered) if ordered is not None else len(self.sampler)  # type: ignore[arg-type]
         if self.plan is None:
             if self.drop_last:
                 return remaining // self.batch_size

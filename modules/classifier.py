@@ -101,6 +101,9 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing of the training loss, in ``[0, 1)``.
         lars_trust_coefficient: LARS's ``trust_coefficient`` (eta).
         lars_clip: LARS's ``clip`` (the LARC mode: the local LR never above ``lr``).
+        per_sample_loss: ``training_step`` returns ``{"loss": mean, "per_sample_loss": losses}``
+            (each sample's loss, detached), for callbacks that score samples by their own loss
+            (``CurriculumSampling(difficulty="loss")``); no extra computation.
 
     Example:
         >>> model = ImageClassifier("mlp", {"hidden": [64]}, optimizer="sgd", lr=0.1, scheduler="cosine")
@@ -128,6 +131,7 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         lars_trust_coefficient: float = 0.001,
         lars_clip: bool = False,
+        per_sample_loss: bool = False,
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
@@ -189,11 +193,16 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+    def _shared_step(self, batch: Any, stage: str, per_sample: list[Tensor] | None = None) -> Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if per_sample is None:
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        else:  # the same mean, keeping each sample's loss
+            losses = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
+            per_sample.append(losses.detach())
+            loss = losses.mean()
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         n = x.shape[0]
@@ -205,8 +214,12 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=n)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if not self.hparams.get("per_sample_loss", False):
+            return self._shared_step(batch, "train")
+        losses: list[Tensor] = []
+        loss = self._shared_step(batch, "train", losses)
+        return {"loss": loss, "per_sample_loss": losses[0]}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")

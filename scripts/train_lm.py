@@ -1,6 +1,6 @@
 """Train the small causal language model on a token stream with LightningCLI.
 
-``python scripts/train_lm.py fit --config scripts/configs/stream_lm.yaml`` runs the streaming recipe:
+``python scripts/train_lm.py fit --config scripts/configs/lm/stream_lm.yaml`` runs the streaming recipe:
 :class:`~epochwise.modules.language_model.CausalLM` on generated text
 (:class:`~epochwise.datamodules.text.GeneratedTextDataModule`, an endless ``IterableDataset``), with
 step-unit batch-size warmup, LR scaling and LR warmup. Any LightningDataModule of token windows

@@ -6,6 +6,7 @@ a collective call in a per-step hook.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from epochwise.callbacks import (
 
 from conftest import RecordingModule, quiet_trainer
 
-EPOCHWISE = str(Path(epochwise.callbacks.__file__).resolve().parent)
+EPOCHWISE = os.path.realpath(Path(epochwise.callbacks.__file__).parent)
 PER_STEP_HOOKS = {
     "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
     "on_before_optimizer_step", "on_before_zero_grad", "training_step", "optimizer_step",
@@ -68,7 +69,7 @@ class CollectiveCounter(Callback):
             code = frame.f_code
             if code.co_name in PER_STEP_HOOKS:
                 hooks.append(code.co_name)
-            if code.co_filename.startswith(EPOCHWISE):
+            if os.path.realpath(code.co_filename).startswith(EPOCHWISE):
                 epochwise_frames.append(code.co_name)
             frame = frame.f_back
         return {"collective": name, "per_step": hooks, "epochwise": epochwise_frames}
@@ -91,7 +92,9 @@ class RankRecorder(RecordingModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.rows.append([self.current_epoch, self.global_step, batch_idx, int(x.shape[0]), state.global_batch, lr,
                           state.samples_seen, [int(i) for i in x[:, 0]]])
-        return super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
 
     def teardown(self, stage):  # after the callbacks' teardown: what the fit gave back
         weights = [p.detach().tolist() for p in self.parameters()]
@@ -108,7 +111,9 @@ def test_two_process_ddp_same_plan_lr_samples_weights_and_no_per_step_collective
     trainer = quiet_trainer(
         strategy="ddp_spawn", devices=2, max_epochs=3, accumulate_grad_batches=1,
         callbacks=[counter, BatchSizeWarmup(4, 16, factor=2, interval=1, max_per_device=8), LRScaling("linear"),
-                   LRWarmup(3, unit="step"), SampleBasedLRSchedule("cosine")],
+                   LRWarmup(3, unit="step"), SampleBasedLRSchedule("cosine"), TrainingBudget(max_samples=10**9),
+                   LearningCurveMonitor(dirpath=str(tmp_path)),
+                   EarlyStopping("train_loss", patience=100, restore_best_weights=True, check_on_train_epoch_end=True)],
     )
     trainer.fit(module, train_dataloaders=loader)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -133,4 +138,5 @@ def test_two_process_ddp_same_plan_lr_samples_weights_and_no_per_step_collective
     for rank in ranks:
         calls = rank["calls"]
         assert any(c["collective"] == "barrier" and "on_train_batch_end" in c["per_step"] for c in calls)
+        assert any(c["epochwise"] for c in calls)  # epochwise code is seen where it does communicate
         assert [c for c in calls if c["epochwise"] and c["per_step"]] == []

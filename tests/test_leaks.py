@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 from epochwise.callbacks import (
     BatchSizeSchedule,
     BatchSizeWarmup,
+    CurriculumSampling,
     LRScaling,
     LRWarmup,
+    OneCycleBatchLR,
     ProgressiveResizing,
     SampleBasedLRSchedule,
     engine,
@@ -63,6 +65,11 @@ CASES = {
                          RecordingModule),
     "resizing": (lambda: [ProgressiveResizing(stages=[(0, 4), (1, 8)]), LRScaling("sqrt")], image_loader,
                  ImageModule),
+    "one-cycle": (lambda: [OneCycleBatchLR(max_per_device=4)],
+                  lambda: DataLoader(make_dataset(40), batch_size=6, shuffle=True), RecordingModule),
+    "curriculum": (lambda: [CurriculumSampling(list(range(40)), start_fraction=0.5)],
+                   lambda: DataLoader(make_dataset(40), batch_size=4, num_workers=2, persistent_workers=True),
+                   RecordingModule),
 }
 
 

@@ -147,3 +147,23 @@ def test_resizable_copy_refuses_what_it_cannot_resize_and_close_stops_workers():
     workers = twin._iterator._workers
     close_loader(twin)
     assert twin._iterator is None and not any(w.is_alive() for w in workers)
+
+
+def test_order_hook_decides_the_epoch_its_length_and_a_resume_skips_within_it():
+    inner = RandomSampler(range(10))
+    bs = ResizableBatchSampler(inner, batch_size=3, seed=0)
+    asked = []
+
+    def order(epoch):
+        asked.append(epoch)
+        return None if epoch == 0 else [9, 1, 8, 2, 7][: 3 + epoch]
+
+    bs.order = order
+    assert sorted(sum(list(bs), [])) == list(range(10)) and len(bs) == 4  # None: the sampler's own order
+    bs.set_epoch(1)
+    assert list(bs) == [[9, 1, 8], [2]] and len(bs) == 2
+    bs.set_epoch(2)
+    bs.plan = lambda i: 2
+    bs.start_batch = 1
+    assert list(bs) == [[8, 2], [7]] and len(bs) == 3  # batch 0 ([9, 1]) already trained
+    assert set(asked) == {0, 1, 2}
