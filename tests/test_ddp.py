@@ -18,9 +18,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import epochwise.callbacks
 from epochwise.callbacks import (
     BatchSizeWarmup,
+    EarlyStopping,
+    LearningCurveMonitor,
     LRScaling,
     LRWarmup,
     SampleBasedLRSchedule,
+    TrainingBudget,
     batch_state,
 )
 
