@@ -3,14 +3,17 @@
 from ._checks import ConfigurationError
 from .batch_memory import (
     OPTIMIZER_STATE_COPIES,
+    BatchSizeSearch,
     MemoryEstimate,
     estimate_max_batch_size,
     estimate_training_memory,
+    find_max_batch_size,
     probe_max_per_device,
+    search_max_batch_size,
 )
 from .batch_size import BatchSizeSchedule, BatchSizeWarmup
-from .controller import BatchSizeController
 from .budget import TrainingBudget, budget_fractions
+from .controller import BatchSizeController
 from .curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,
@@ -76,6 +79,9 @@ __all__ = [
     "MilestoneSchedule",
     "lr_scale",
     "probe_max_per_device",
+    "find_max_batch_size",
+    "search_max_batch_size",
+    "BatchSizeSearch",
     "TrainingBudget",
     "budget_fractions",
     "DIAGNOSES",
