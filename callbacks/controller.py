@@ -399,10 +399,7 @@ class BatchSizeController(Callback):
             raise RuntimeError(f"{type(self).__name__}: the train loader was built before setup('fit')")
         self._training = True
         if self.max_per_device == "auto" and self._probed_max is None:
-            from .batch_memory import probe_max_per_device
-
-            found = probe_max_per_device(pl_module, self._original, trainer.optimizers[0] if trainer.optimizers else None)
-            self._probed_max = max(1, int(trainer.strategy.broadcast(found, src=0)))
+            self._probed_max = self._measure_max_per_device(trainer, pl_module)
             self._plan_key = None
         if self._loaded is not None:
             self._fit.batch.samples_seen = int(self._loaded.get("samples_seen", 0))  # type: ignore[union-attr]
@@ -410,6 +407,22 @@ class BatchSizeController(Callback):
             restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
         self._validate_fit(trainer)
         self._loaded = None
+
+    def _measure_max_per_device(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """``max_per_device="auto"``: every rank measures its own device (real training steps,
+        :func:`~epochwise.callbacks.batch_memory.find_max_batch_size`) and all take the smallest."""
+        from .batch_memory import CPU_SEARCH_CAP, find_max_batch_size
+
+        cpu = pl_module.device.type == "cpu"
+        cap = self._samples  # no batch holds more than an epoch
+        if cpu:
+            cap = min(cap or CPU_SEARCH_CAP, CPU_SEARCH_CAP)
+        found = find_max_batch_size(
+            pl_module, self._original, trainer.optimizers[0] if trainer.optimizers else None,
+            precision=trainer.precision, max_batch_size=cap,
+            processes=trainer.num_devices if cpu else 1,  # CPU ranks share the host's memory
+        )
+        return int(trainer.strategy.all_gather(torch.tensor(found, device=pl_module.device)).min())
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
