@@ -32,6 +32,7 @@ from .ensembles import (
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .micro_batch import AutoMicroBatch
 from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
@@ -61,6 +62,7 @@ __all__ = [
     "BatchSizeWarmup",
     "BatchSizeSchedule",
     "LRScaling",
+    "AutoMicroBatch",
     "LRWarmup",
     "SampleBasedLRSchedule",
     "LearningCurveMonitor",
