@@ -373,8 +373,8 @@ class AutoMicroBatch(Callback):
 
 def _wrap(module: pl.LightningModule, name: str, run: Any) -> tuple[Any, Any]:
     """Put ``run`` in place of ``module.<name>`` (an instance attribute that keeps the original's
-    signature, ``batch_idx`` included: fact 9); return the original and the function that puts it
-    back."""
+    signature, ``batch_idx`` included: docs/LIGHTNING.md fact 22); return the original and the
+    function that puts it back."""
     had = name in module.__dict__
     original = getattr(module, name)
     wrapper = functools.wraps(original)(lambda *args, **kwargs: run(*args, **kwargs))
