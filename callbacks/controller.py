@@ -398,12 +398,15 @@ class BatchSizeController(Callback):
         if self._sampler is None:
             raise RuntimeError(f"{type(self).__name__}: the train loader was built before setup('fit')")
         self._training = True
+        unmeasured = None
         if self.max_per_device == "auto" and self._probed_max is None:
+            unmeasured, key = self._plan, self._plan_key
             self._probed_max = self._measure_max_per_device(trainer, pl_module)
             self._plan_key = None
         if self._loaded is not None:
             self._fit.batch.samples_seen = int(self._loaded.get("samples_seen", 0))  # type: ignore[union-attr]
-        if self._prepare(trainer):
+        if self._prepare(trainer) and not (unmeasured is not None and key == self._plan_key
+                                           and _same_batches(unmeasured, self._plan)):  # type: ignore[arg-type]
             restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
         self._validate_fit(trainer)
         self._loaded = None
@@ -504,6 +507,15 @@ class BatchSizeController(Callback):
         self._last_state = dict(state_dict)
         if state_dict.get("probed_max_per_device") is not None:
             self._probed_max = int(state_dict["probed_max_per_device"])
+
+
+def _same_batches(a: EpochPlan, b: EpochPlan) -> bool:
+    """Whether two plans of one epoch give every batch the same size (a measured ``max_per_device``
+    that does not bind this epoch: the prefetched batches are right, and re-creating the iterator,
+    which draws a seed from the global RNG, would change the fit)."""
+    n = a.length if a.length is not None else 256  # a stream: more than any prefetch
+    return a.accumulation == b.accumulation and a.length == b.length and all(
+        a.size_of(i) == b.size_of(i) for i in range(n))
 
 
 def _is_stateful(loader: Any) -> bool:

@@ -232,3 +232,47 @@ def test_finder_validation():
         find_max_batch_size(nn.Linear(4, 2), torch.zeros(1, 4), headroom=1.0)
     with pytest.raises(ValueError, match="`precision` must be"):
         find_max_batch_size(nn.Linear(4, 2), torch.zeros(1, 4), precision="8-mixed")
+
+
+def test_max_per_device_auto_is_the_measured_limit_and_the_fit_is_the_one_with_that_int():
+    import lightning.pytorch as pl
+
+    from epochwise.callbacks import BatchSizeSchedule, BatchSizeWarmup
+
+    from conftest import make_dataset, quiet_trainer
+
+    class Limited(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer, self.sizes = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2)), []
+
+        def forward(self, x):  # what the finder runs: out of memory above 6 samples
+            if len(x) > 6:
+                raise torch.OutOfMemoryError("fake")
+            return self.layer(x)
+
+        def training_step(self, batch, batch_idx):
+            self.sizes.append(len(batch[0]))
+            return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    runs = []
+    for limit in ("auto", 6):
+        torch.manual_seed(1)  # the same global RNG state: dropout draws the same masks unless the probe drew
+        module, warmup = Limited(), BatchSizeWarmup(4, 16, interval=1, max_per_device=limit)
+        quiet_trainer(callbacks=[warmup], max_epochs=3).fit(
+            module, train_dataloaders=DataLoader(make_dataset(48), batch_size=4))  # the loader straight to fit
+        runs.append((module, warmup.state_dict()))
+    (auto, auto_state), (fixed, _) = runs
+    assert auto_state["probed_max_per_device"] == 6
+    assert auto.sizes == fixed.sizes and max(auto.sizes) <= 6 < 16  # 8 and 16 ran as micro-batches
+    for a, b in zip(auto.parameters(), fixed.parameters()):  # weights, momentum and RNG untouched by the probe
+        assert torch.equal(a, b)
+    # a measured limit below the first epoch's request: the batches already prefetched are replaced
+    module = Limited()
+    quiet_trainer(callbacks=[BatchSizeSchedule({0: 8}, max_per_device="auto")], max_epochs=1).fit(
+        module, train_dataloaders=DataLoader(make_dataset(48), batch_size=8))
+    assert module.sizes == [4] * 12

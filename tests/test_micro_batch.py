@@ -166,3 +166,38 @@ def test_refusals():
         AutoMicroBatch(min_per_device=0)
     with pytest.raises(ValueError, match="`reduction` must be 'mean' or 'sum', got 'max'"):
         AutoMicroBatch(reduction="max")
+
+
+class DictSumModule(OutOfMemoryModule):
+    """Returns {"loss": summed loss, "n": ...}: parts of a sum add up without weights."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict:
+        x, y = batch
+        self.calls.append(len(x))
+        if self.limit is not None and len(x) > self.limit:
+            raise torch.OutOfMemoryError("fake")
+        return {"loss": F.cross_entropy(self.layer(x), y % 3, reduction="sum"), "n": len(x)}
+
+
+def test_dict_outputs_and_summed_losses():
+    runs = []
+    for limit in (None, 5):
+        module = DictSumModule(limit)
+        outputs: list = []
+
+        class Outputs(Callback):
+            def __init__(self, seen: list) -> None:
+                self.seen = seen
+
+            def on_train_batch_end(self, trainer, pl_module, out, batch, batch_idx):
+                self.seen.append(float(out["loss"]))
+
+        callbacks = [Outputs(outputs)] + ([AutoMicroBatch(reduction="sum")] if limit else [])
+        quiet_trainer(callbacks=callbacks, max_epochs=1).fit(
+            module, train_dataloaders=DataLoader(make_dataset(32), batch_size=16))
+        runs.append((module, outputs))
+    (reference, ref_out), (recovered, rec_out) = runs
+    assert recovered.calls == [16, 8, 4, 4, 4, 4, 4, 4, 4, 4]
+    assert rec_out == pytest.approx(ref_out, rel=1e-6)  # the loss Lightning reports is the whole batch's
+    for a, b in zip(recovered.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
