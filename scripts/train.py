@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from epochwise.callbacks import LearningCurveMonitor  # noqa: E402
-from epochwise.datamodules import DigitsDataModule  # noqa: E402
+from epochwise.datamodules import InMemoryImageDataModule  # noqa: E402
 from epochwise.modules import ImageClassifier  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -52,7 +52,7 @@ def main(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
     """
     return EpochwiseCLI(
         ImageClassifier,
-        DigitsDataModule,
+        InMemoryImageDataModule,  # digits by default (default.yaml); CIFAR-10, MNIST, ... by class_path
         subclass_mode_model=False,
         subclass_mode_data=True,
         seed_everything_default=0,
