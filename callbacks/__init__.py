@@ -12,6 +12,7 @@ from .batch_memory import (
     search_max_batch_size,
 )
 from .batch_size import BatchSizeSchedule, BatchSizeWarmup
+from .best_weights import BestWeights
 from .budget import TrainingBudget, budget_fractions
 from .controller import BatchSizeController
 from .curves import (
@@ -22,6 +23,7 @@ from .curves import (
     ema_series,
     plot_learning_curves,
 )
+from .early_stopping import EarlyStopping
 from .engine import BatchSizeState, FitState, batch_state, fit_state
 from .ensembles import (
     SnapshotEnsemble,
@@ -31,8 +33,10 @@ from .ensembles import (
 )
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
-from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .lr_path import LRFactorCallback, LRMonitor, LRPath, ScaledScheduler
+from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
 from .micro_batch import AutoMicroBatch
+from .multi_metric_stopping import MultiMetricEarlyStopping
 from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
@@ -43,18 +47,8 @@ from .resizing import (
     resize_batch,
 )
 from .schedules import MilestoneSchedule, WarmupSchedule, lr_scale
-from .stopping import (
-    EarlyStopping,
-    MetricCriterion,
-    MetricTracker,
-    MultiMetricEarlyStopping,
-    decide_stop,
-    improved,
-    improvement_margin,
-    significant_improvement,
-    student_t_cdf,
-    welch_t_test,
-)
+from .significance import significant_improvement, welch_t_test
+from .stopping_rules import evaluate_check, improved, improvement_margin
 
 __all__ = [
     "ConfigurationError",
@@ -72,6 +66,7 @@ __all__ = [
     "batch_state",
     "fit_state",
     "LRFactorCallback",
+    "LRMonitor",
     "LRPath",
     "ScaledScheduler",
     "EpochPlan",
@@ -110,8 +105,9 @@ __all__ = [
     "improved",
     "improvement_margin",
     "significant_improvement",
-    "student_t_cdf",
     "welch_t_test",
+    "BestWeights",
+    "evaluate_check",
     "ProgressiveResizing",
     "ContinuousResizeSchedule",
     "StagedResizeSchedule",

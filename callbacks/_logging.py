@@ -72,6 +72,24 @@ class CadenceLog:
         """Forget what was logged (a new fit)."""
         self._last: dict[str, float] = {}
         self._last_step = -1
+        self._quiet_step = -1
+        self._last_watched: tuple = ()
+
+    def skip_step(self, trainer: pl.Trainer, *watched: float) -> bool:
+        """A cheap first test for a per-step caller, before it builds its metrics: True when
+        nothing is to be logged now (no logger; already logged at this step; or not Lightning's
+        logging step and the watched values are the ones last logged). Decided once per step."""
+        if not trainer.loggers:
+            return True
+        step = logging_step(trainer)
+        if watched != self._last_watched:
+            return False
+        if step == self._last_step or step == self._quiet_step:
+            return True
+        if is_logging_step(trainer):
+            return False
+        self._quiet_step = step
+        return True
 
     def changed(self, metrics: Mapping[str, float]) -> bool:
         """Whether a watched value differs from the one last logged."""
@@ -91,6 +109,7 @@ class CadenceLog:
             return False
         self._last_step = step
         self.remember(metrics)
+        self._last_watched = tuple(metrics[key] for key in self.watch if key in metrics)
         log_metrics(trainer, metrics, step)
         return True
 

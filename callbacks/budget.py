@@ -1,13 +1,13 @@
 """TrainingBudget: stop a fit at a compute budget (samples, optimizer steps or FLOPs).
 
-The budget counts what was actually trained on, so it stays meaningful when the batch size
-changes during training: samples are summed batch by batch, optimizer steps are read from
-``trainer.global_step``, and FLOPs are samples times the per-sample training FLOPs.
+The budget counts what was actually trained on, so it stays meaningful when the batch size or the
+input size changes during training: samples are summed batch by batch, optimizer steps are read
+from ``trainer.global_step``, and FLOPs are summed batch by batch from the per-sample training FLOPs
+of the batch's input shape.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,11 +15,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._logging import log_scalars
+from ._checks import ConfigurationError, check_bool, check_int, check_number
+from ._logging import CadenceLog
+from .engine import cached_state_key
 
-__all__ = ["TrainingBudget", "budget_fractions"]
+__all__ = ["TrainingBudget", "budget_fractions", "input_shape_key"]
 
 #: Training FLOPs per forward FLOP: the backward pass costs about twice the forward pass
 #: (gradients with respect to both inputs and weights), so forward + backward ~ 3 x forward.
@@ -38,6 +41,22 @@ def budget_fractions(
     return {name: used[name] / limit for name, limit in limits.items() if limit is not None}
 
 
+def input_shape_key(batch: Any) -> tuple[tuple[int, ...], ...]:
+    """The per-sample shapes of every tensor in ``batch`` (batch dimension dropped), in order.
+
+    Batches with the same key cost the same FLOPs per sample; a new key (progressive resizing, a
+    new sequence length) needs a new measurement. Reads shapes only: no device sync.
+
+    Example:
+        >>> import torch
+        >>> input_shape_key((torch.zeros(8, 3, 16, 16), torch.zeros(8)))
+        ((3, 16, 16), ())
+    """
+    shapes: list[tuple[int, ...]] = []
+    apply_to_collection(batch, torch.Tensor, lambda t: shapes.append(tuple(t.shape[1:])))
+    return tuple(shapes)
+
+
 class TrainingBudget(Callback):
     """Stop training once a compute budget is spent: samples, optimizer steps and/or FLOPs.
 
@@ -53,30 +72,37 @@ class TrainingBudget(Callback):
 
     - samples: each training batch's size (``lightning.pytorch.utilities.data.extract_batch_size``)
       times ``trainer.world_size``, summed batch by batch, so a batch size that changes during
-      training is counted as it was (every rank is assumed to see equally sized batches, as
-      Lightning's ``DistributedSampler`` makes them);
+      training is counted as it was;
     - optimizer steps: ``trainer.global_step``;
-    - FLOPs: samples x training FLOPs per sample. The per-sample figure is ``flops_per_sample`` if
-      given, else measured once, on the first training batch, by running the LightningModule's own
-      ``training_step`` forward under ``torch.utils.flop_counter.FlopCounterMode`` (from
-      ``on_train_batch_start`` until ``on_before_backward``, so no extra pass is made and any
-      module works), divided by the batch size and multiplied by 3 for forward + backward. The
-      factor 3 is the usual approximation (backward ~ 2 x forward); FlopCounterMode counts the
-      matmul/convolution-type operations it knows (the loss and metrics add a little), not
-      element-wise ones. Under DDP each rank measures the same figure on its own first batch.
+    - FLOPs: each batch's samples times the training FLOPs per sample *of its input shape*
+      (:func:`input_shape_key`), summed batch by batch. The per-sample figure is
+      ``flops_per_sample`` if given, else measured on the first batch of every new input shape
+      (so progressive resizing or a new sequence length is re-measured) by running the
+      LightningModule's own ``training_step`` forward under
+      ``torch.utils.flop_counter.FlopCounterMode`` (from ``on_train_batch_start`` until
+      ``on_before_backward``: no extra pass, any module works), divided by the batch size and
+      multiplied by 3 for forward + backward. FlopCounterMode counts matmul/convolution-type
+      operations from shapes alone (no device sync); the factor 3 is the usual approximation.
 
-    The stop decision is reduced across ranks (any rank stopping stops all); every rank computes
-    the same counts by construction, so this costs one boolean all-reduce per step under DDP.
+    **DDP.** Every rank counts the same numbers by construction (samples from its batch size times
+    the world size -- Lightning's ``DistributedSampler`` gives every rank equally sized batches --
+    and ``trainer.global_step``), so every rank reaches the same decision at the same batch with no
+    collective and no host sync in any step. FLOPs assume every rank trains on the same input shape
+    at the same step (as a shared resizing schedule does).
 
-    Logged every ``trainer.log_every_n_steps`` optimizer steps and at the stop (straight to the
-    loggers, rank 0): ``budget/samples``, ``budget/optimizer_steps``, ``budget/flops`` (once known),
+    Every fit starts a new budget (counts reset in ``setup``); a resumed fit continues the
+    checkpointed counts.
+
+    Logged at Lightning's ``log_every_n_steps`` cadence and at the stop (straight to the loggers,
+    rank 0): ``budget/samples``, ``budget/optimizer_steps``, ``budget/flops`` (when counted),
     ``budget/fraction_used`` (the largest fraction over the set budgets).
 
     Attributes:
         samples_seen: samples trained on (all ranks).
         optimizer_steps: optimizer steps taken (``trainer.global_step`` at the last batch).
-        flops_per_sample: training FLOPs per sample (given or measured), ``None`` before.
-        flops: ``samples_seen * flops_per_sample`` (``None`` while unknown).
+        flops: training FLOPs counted (all ranks), ``None`` when FLOPs are not counted.
+        flops_per_sample: the given figure, else the one measured for the latest input shape.
+        flops_per_sample_by_shape: ``{input_shape_key: training FLOPs per sample}`` measured.
         stopped: whether this callback stopped the fit; ``stopping_reason_message`` says why.
 
     Args:
@@ -87,13 +113,14 @@ class TrainingBudget(Callback):
         verbose: log the stop at INFO level.
 
     Raises:
-        ValueError: when no budget is set or a value is out of range (naming it).
+        ConfigurationError: when no budget is set or a value is out of range (naming it).
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> budget = TrainingBudget(max_samples=50_000, max_optimizer_steps=2_000)
         >>> trainer = Trainer(callbacks=[budget], max_epochs=100, logger=False)
-        >>> # trainer.fit(...) ends at whichever budget is spent first
+        >>> budget.fractions()
+        {'samples': 0.0, 'optimizer_steps': 0.0}
     """
 
     def __init__(
@@ -105,54 +132,64 @@ class TrainingBudget(Callback):
         verbose: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("max_samples", max_samples), ("max_optimizer_steps", max_optimizer_steps)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"`{name}` must be an int >= 1 or None, got {value!r}")
-        for name, value in (("max_flops", max_flops), ("flops_per_sample", flops_per_sample)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0)
-            ):
-                raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}")
+        check_int("max_samples", max_samples, minimum=1, optional=True)
+        check_int("max_optimizer_steps", max_optimizer_steps, minimum=1, optional=True)
+        check_number("max_flops", max_flops, low=0.0, low_inclusive=False, optional=True)
+        check_number("flops_per_sample", flops_per_sample, low=0.0, low_inclusive=False, optional=True)
+        check_bool("verbose", verbose)
         if max_samples is None and max_optimizer_steps is None and max_flops is None:
-            raise ValueError(
+            raise ConfigurationError(
                 "set at least one of `max_samples`, `max_optimizer_steps`, `max_flops` (got all None)"
             )
         self.max_samples = max_samples
         self.max_optimizer_steps = max_optimizer_steps
         self.max_flops = None if max_flops is None else float(max_flops)
         self.verbose = verbose
-        self.flops_per_sample: float | None = None if flops_per_sample is None else float(flops_per_sample)
+        self._given_flops_per_sample = None if flops_per_sample is None else float(flops_per_sample)
+        self._log = CadenceLog()
+        self._counter: FlopCounterMode | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self.samples_seen = 0
         self.optimizer_steps = 0
+        counting = self.max_flops is not None or self._given_flops_per_sample is not None
+        self.flops: float | None = 0.0 if counting else None
+        self.flops_per_sample: float | None = self._given_flops_per_sample
+        self.flops_per_sample_by_shape: dict[tuple, float] = {}
         self.stopped = False
         self.stopping_reason_message: str | None = None
-        self._counter: FlopCounterMode | None = None
-        self._counter_batch_size = 0
-        self._last_logged_step = -1
+        self._shape: tuple | None = None
+        self._measuring: tuple | None = None
+        self._measured_batch_size = 0
+        self._log.reset()
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
+        return cached_state_key(self, 
             max_samples=self.max_samples, max_optimizer_steps=self.max_optimizer_steps, max_flops=self.max_flops
         )
 
-    @property
-    def flops(self) -> float | None:
-        return None if self.flops_per_sample is None else self.samples_seen * self.flops_per_sample
-
     def fractions(self) -> dict[str, float]:
-        """Fraction used of each set budget (FLOPs count as 0 while the per-sample figure is unknown)."""
+        """Fraction used of each set budget."""
         return budget_fractions(
             {"samples": self.samples_seen, "optimizer_steps": self.optimizer_steps, "flops": self.flops or 0.0},
             {"samples": self.max_samples, "optimizer_steps": self.max_optimizer_steps, "flops": self.max_flops},
         )
 
-    # -- FLOPs measurement on the first batch -------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new budget for every fit; a resume loads the counts after this
+            self._reset()
+
+    # -- FLOPs: measured on the first batch of every input shape ------------------------------------
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.max_flops is not None and self.flops_per_sample is None and self._counter is None:
-            self._counter_batch_size = extract_batch_size(batch)
+        if self.flops is None or self._given_flops_per_sample is not None:
+            return
+        self._shape = input_shape_key(batch)
+        if self._shape not in self.flops_per_sample_by_shape and self._counter is None:
+            self._measuring, self._measured_batch_size = self._shape, extract_batch_size(batch)
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
 
@@ -167,41 +204,43 @@ class TrainingBudget(Callback):
         forward = counter.get_total_flops()
         if forward == 0:
             rank_zero_warn(
-                "TrainingBudget: FlopCounterMode counted no FLOPs in the first training_step; `max_flops`"
-                " cannot be enforced. Pass `flops_per_sample`."
+                f"TrainingBudget: FlopCounterMode counted no FLOPs in a training_step (input shape {self._measuring});"
+                " `max_flops` cannot be enforced for it. Pass `flops_per_sample`."
             )
-        self.flops_per_sample = TRAINING_FLOPS_PER_FORWARD_FLOP * forward / max(1, self._counter_batch_size)
+        per_sample = TRAINING_FLOPS_PER_FORWARD_FLOP * forward / max(1, self._measured_batch_size)
+        self.flops_per_sample_by_shape[self._measuring] = per_sample
+        self.flops_per_sample = per_sample
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._counter is not None:  # never leave the dispatch mode pushed
             counter, self._counter = self._counter, None
             counter.__exit__(None, None, None)
 
-    # -- counting and the decision -------------------------------------------------------------------
+    # -- counting and the decision (local: every rank holds the same counts) -------------------------
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._finish_measurement()  # a training_step without backward (e.g. returned None)
-        self.samples_seen += extract_batch_size(batch) * trainer.world_size
+        samples = extract_batch_size(batch) * trainer.world_size
+        self.samples_seen += samples
         self.optimizer_steps = trainer.global_step
+        if self.flops is not None:
+            per_sample = self._given_flops_per_sample
+            if per_sample is None:
+                per_sample = self.flops_per_sample_by_shape.get(self._shape, 0.0)
+            self.flops += samples * per_sample
         fractions = self.fractions()
         spent = [name for name, f in fractions.items() if f >= 1.0]
-        should_stop = trainer.strategy.reduce_boolean_decision(bool(spent), all=False)
-        if should_stop and not self.stopped:
+        first_stop = bool(spent) and not self.stopped
+        if first_stop:
             self.stopped = True
             detail = ", ".join(f"{n} {self._used(n):.6g} >= {self._limit(n):.6g}" for n in spent)
-            self.stopping_reason_message = (
-                f"Training budget spent: {detail}. Signaling Trainer to stop."
-                if spent
-                else "Another rank spent its training budget. Signaling Trainer to stop."
-            )
+            self.stopping_reason_message = f"Training budget spent: {detail}. Signaling Trainer to stop."
             if self.verbose:
                 rank_zero_info(self.stopping_reason_message)
-        trainer.should_stop = trainer.should_stop or should_stop
-        step = trainer.global_step
-        if should_stop or (step != self._last_logged_step and step % max(1, trainer.log_every_n_steps) == 0):
-            self._last_logged_step = step
-            self._log(trainer, fractions)
+        if spent:  # again at every batch min_epochs/min_steps still make Lightning run
+            trainer.should_stop = True
+        self._log(trainer, self._metrics(fractions), force=first_stop)
 
     def _used(self, name: str) -> float:
         return {"samples": self.samples_seen, "optimizer_steps": self.optimizer_steps, "flops": self.flops or 0.0}[name]
@@ -209,7 +248,7 @@ class TrainingBudget(Callback):
     def _limit(self, name: str) -> float:
         return {"samples": self.max_samples, "optimizer_steps": self.max_optimizer_steps, "flops": self.max_flops}[name]
 
-    def _log(self, trainer: pl.Trainer, fractions: dict[str, float]) -> None:
+    def _metrics(self, fractions: dict[str, float]) -> dict[str, float]:
         metrics = {
             "budget/samples": float(self.samples_seen),
             "budget/optimizer_steps": float(self.optimizer_steps),
@@ -217,14 +256,15 @@ class TrainingBudget(Callback):
         }
         if self.flops is not None:
             metrics["budget/flops"] = float(self.flops)
-        log_scalars(trainer, metrics)
+        return metrics
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "samples_seen": self.samples_seen,
             "optimizer_steps": self.optimizer_steps,
-            "flops_per_sample": self.flops_per_sample,
+            "flops": self.flops,
+            "flops_per_sample_by_shape": dict(self.flops_per_sample_by_shape),
             "stopped": self.stopped,
             "stopping_reason_message": self.stopping_reason_message,
         }
@@ -232,7 +272,12 @@ class TrainingBudget(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.samples_seen = int(state_dict.get("samples_seen", self.samples_seen))
         self.optimizer_steps = int(state_dict.get("optimizer_steps", self.optimizer_steps))
-        fps = state_dict.get("flops_per_sample", self.flops_per_sample)
-        self.flops_per_sample = None if fps is None else float(fps)
+        self.flops_per_sample_by_shape.update(state_dict.get("flops_per_sample_by_shape", {}))
+        flops = state_dict.get("flops")
+        old_figure = state_dict.get("flops_per_sample")  # a checkpoint from before per-shape counting
+        if flops is None and old_figure is not None and self.flops is not None:
+            flops = self.samples_seen * float(old_figure)
+        if flops is not None and self.flops is not None:
+            self.flops = float(flops)
         self.stopped = bool(state_dict.get("stopped", self.stopped))
         self.stopping_reason_message = state_dict.get("stopping_reason_message", self.stopping_reason_message)

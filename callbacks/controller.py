@@ -451,11 +451,14 @@ class BatchSizeController(Callback):
 
     def _log_now(self, trainer: pl.Trainer) -> None:
         batch = self._fit.batch  # type: ignore[union-attr]
+        global_batch = batch.global_batch
+        if self._log.skip_step(trainer, float(batch.per_device or 0), float(global_batch or 0), float(batch.accumulation)):
+            return
         self._log(
             trainer,
             {
                 "batch_size/per_device": float(batch.per_device or 0),
-                "batch_size/global": float(batch.global_batch or 0),
+                "batch_size/global": float(global_batch or 0),
                 "batch_size/accumulation": float(batch.accumulation),
                 "samples_seen": float(batch.samples_seen),
             },

@@ -1,8 +1,7 @@
-"""Learning curves: per-epoch history of train/val loss and accuracy, their diagnosis, and the one
-plotting path.
+"""Learning curves: the per-epoch history of train/val loss and accuracy, and the one plotting path.
 
-:func:`diagnose` and :func:`ema_series` are pure functions over a history; the callback records the
-history, calls them once per epoch and logs the result.
+The diagnosis (:func:`diagnose`, :func:`ema_series`) is pure and lives in :mod:`.curve_diagnosis`;
+the callback records the history, calls it once per epoch and logs the result.
 """
 
 from __future__ import annotations
@@ -10,13 +9,24 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from ._logging import log_dir_of, log_scalars
+from ._checks import ConfigurationError, check_str
+from ._logging import log_dir_of, log_metrics
+from .curve_diagnosis import (
+    DIAGNOSES,
+    DIAGNOSIS_CODES,
+    argbest,
+    check_diagnosis_args,
+    diagnose,
+    ema_series,
+    is_finite,
+)
+from .engine import cached_state_key
 
 __all__ = [
     "LearningCurveMonitor",
@@ -26,12 +36,6 @@ __all__ = [
     "DIAGNOSES",
     "DIAGNOSIS_CODES",
 ]
-
-Diagnosis = Literal["underfitting", "improving", "plateau", "overfitting"]
-#: The diagnosis labels, in the order of their integer codes (logged as ``curves/diagnosis``).
-DIAGNOSES: tuple[str, ...] = ("underfitting", "improving", "plateau", "overfitting")
-#: ``{label: code}``: underfitting 0, improving 1, plateau 2, overfitting 3.
-DIAGNOSIS_CODES: dict[str, int] = {label: code for code, label in enumerate(DIAGNOSES)}
 
 
 def plot_learning_curves(
@@ -68,7 +72,7 @@ def plot_learning_curves(
         if ema:
             ax.plot(range(1, len(ema) + 1), ema, "--", color="black", alpha=0.6, label="val (EMA)")
         if kind == "loss":
-            best = _argbest(history.get("val_loss", []), minimize=True)
+            best = argbest(history.get("val_loss", []), minimize=True)
             if best is not None:
                 ax.axvline(best + 1, color="grey", linestyle=":", label=f"best val (epoch {best + 1})")
         ax.set_xlabel("epoch")
@@ -89,159 +93,30 @@ def plot_learning_curves(
     return path
 
 
-def _argbest(values: Sequence[float], minimize: bool) -> int | None:
-    finite = [(v, i) for i, v in enumerate(values) if v is not None and not math.isnan(v)]
-    if not finite:
-        return None
-    return (min(finite) if minimize else max(finite))[1]
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
-def ema_series(values: Sequence[float], alpha: float) -> list[float]:
-    """Exponential moving average ``e[i] = alpha * x[i] + (1 - alpha) * e[i-1]``, started at the
-    first finite value; a non-finite value keeps the previous average (NaN before the first).
-
-    Example:
-        >>> ema_series([1.0, 0.0, float("nan"), 0.0], alpha=0.5)
-        [1.0, 0.5, 0.5, 0.25]
-    """
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1], got {alpha!r}")
-    out: list[float] = []
-    current = math.nan
-    for v in values:
-        if _finite(v):
-            current = float(v) if math.isnan(current) else alpha * float(v) + (1.0 - alpha) * current
-        out.append(current)
-    return out
-
-
-def _check_diagnosis_args(
-    ema_alpha: float, overfit_margin: float, overfit_epochs: int, plateau_tol: float, underfit_ratio: float
-) -> None:
-    if not 0.0 < ema_alpha <= 1.0:
-        raise ValueError(f"`ema_alpha` must be in (0, 1], got {ema_alpha!r}")
-    if not (math.isfinite(overfit_margin) and overfit_margin >= 0.0):
-        raise ValueError(f"`overfit_margin` must be a finite number >= 0, got {overfit_margin!r}")
-    if not isinstance(overfit_epochs, int) or isinstance(overfit_epochs, bool) or overfit_epochs < 1:
-        raise ValueError(f"`overfit_epochs` must be an int >= 1, got {overfit_epochs!r}")
-    if not (math.isfinite(plateau_tol) and plateau_tol >= 0.0):
-        raise ValueError(f"`plateau_tol` must be a finite number >= 0, got {plateau_tol!r}")
-    if not 0.0 <= underfit_ratio < 1.0:
-        raise ValueError(f"`underfit_ratio` must be in [0, 1), got {underfit_ratio!r}")
-
-
-def diagnose(
-    history: Mapping[str, Sequence[float]],
-    ema_alpha: float = 0.5,
-    overfit_margin: float = 0.02,
-    overfit_epochs: int = 3,
-    plateau_tol: float = 0.01,
-    underfit_ratio: float = 0.5,
-) -> tuple[Diagnosis, str]:
-    """Diagnose the latest epoch of a learning curve; return ``(label, reason)``.
-
-    Reads ``history["val_loss"]`` (required) and ``history["train_loss"]`` (optional), per-epoch
-    lists where NaN marks a missing value. Only epochs with a finite val loss take part; ``e`` is
-    their val loss smoothed by :func:`ema_series` with ``ema_alpha``, ``m`` the epoch of its
-    minimum and ``t`` the train loss. The first rule that holds gives the label:
-
-    1. ``overfitting``: the smoothed val loss has turned up from its minimum and stayed there:
-       for each of the last ``overfit_epochs`` epochs (all after ``m``),
-       ``e > e[m] + overfit_margin * |e[m]|``, *and* the train loss is still falling:
-       ``t[now] < t[m]`` (checked when both are known). Since ``e`` only rises above its minimum
-       after some raw val loss exceeded every earlier one, this never fires before the val loss
-       has turned up.
-    2. ``underfitting``: the train loss is still above ``underfit_ratio`` times its first value
-       (the model has not yet learnt the training data; ``underfit_ratio=0`` disables the rule).
-    3. ``plateau``: the smoothed val loss fell by less than ``plateau_tol`` (relative) in the last
-       epoch: ``(e[now] - e[prev]) / |e[prev]| > -plateau_tol`` (this includes a val loss that rose
-       but not yet enough, or not long enough, for rule 1).
-    4. ``improving``: otherwise (the smoothed val loss falls by more than ``plateau_tol`` per
-       epoch, or there is only one epoch and rule 2 does not hold).
-
-    Integer codes for logging: :data:`DIAGNOSIS_CODES` (underfitting 0, improving 1, plateau 2,
-    overfitting 3).
-
-    Args:
-        history: per-epoch metric lists.
-        ema_alpha: weight of the newest value in the EMA, in (0, 1] (1 = no smoothing).
-        overfit_margin: relative rise of the smoothed val loss above its minimum (>= 0).
-        overfit_epochs: epochs the rise must last (>= 1).
-        plateau_tol: relative per-epoch fall below which the val loss counts as flat (>= 0).
-        underfit_ratio: train-loss fraction of its first value above which the model underfits,
-            in [0, 1).
-
-    Raises:
-        ValueError: if no finite ``val_loss`` is recorded, or for an argument out of range.
-
-    Example:
-        >>> hist = {"train_loss": [1.0, 0.4, 0.2, 0.1, 0.05, 0.03],
-        ...         "val_loss":   [1.0, 0.5, 0.4, 0.6, 0.8, 0.9]}
-        >>> [diagnose({k: v[: i + 1] for k, v in hist.items()}, ema_alpha=1.0, overfit_epochs=2)[0]
-        ...  for i in range(6)]
-        ['underfitting', 'improving', 'improving', 'plateau', 'overfitting', 'overfitting']
-    """
-    _check_diagnosis_args(ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio)
-    val_all = list(history.get("val_loss", []))
-    train_all = list(history.get("train_loss", []))
-    idx = [i for i, v in enumerate(val_all) if _finite(v)]
-    if not idx:
-        raise ValueError("`history` must hold at least one finite 'val_loss' value")
-    val = [float(val_all[i]) for i in idx]
-    train = [float(train_all[i]) if i < len(train_all) and _finite(train_all[i]) else math.nan for i in idx]
-    e = ema_series(val, ema_alpha)
-    now = len(e) - 1
-    m = min(range(len(e)), key=lambda i: e[i])
-
-    # 1. overfitting
-    if now - m >= overfit_epochs:
-        threshold = e[m] + overfit_margin * abs(e[m])
-        risen = all(e[j] > threshold for j in range(now - overfit_epochs + 1, now + 1))
-        train_known = _finite(train[now]) and _finite(train[m])
-        if risen and (not train_known or train[now] < train[m]):
-            detail = f", train loss {train[m]:.4g} -> {train[now]:.4g}" if train_known else ""
-            return "overfitting", (
-                f"smoothed val loss {e[now]:.4g} has stayed > {threshold:.4g} (min {e[m]:.4g} at epoch"
-                f" {idx[m]}, +{overfit_margin:.0%}) for {overfit_epochs} epochs{detail}"
-            )
-    # 2. underfitting
-    first_train = next((t for t in train if _finite(t)), math.nan)
-    if underfit_ratio > 0 and _finite(train[now]) and train[now] > underfit_ratio * first_train:
-        return "underfitting", (
-            f"train loss {train[now]:.4g} is still above {underfit_ratio:g} x its first value {first_train:.4g}"
-        )
-    if now == 0:
-        return "improving", "first epoch with a val loss"
-    # 3. plateau / 4. improving
-    slope = e[now] - e[now - 1]
-    scale = abs(e[now - 1]) or 1.0
-    rel = slope / scale
-    if rel > -plateau_tol:
-        return "plateau", f"smoothed val loss changed by {rel:+.2%} in the last epoch (> -{plateau_tol:.2%})"
-    return "improving", f"smoothed val loss fell by {-rel:.2%} in the last epoch (>= {plateau_tol:.2%})"
-
-
 class LearningCurveMonitor(Callback):
     """Record train/val loss and accuracy every epoch, diagnose the curve, and write
     ``learning_curves.png`` at fit end.
 
-    The PNG goes into the Trainer logger's run folder (``trainer.log_dir``), or ``dirpath`` if
-    given; it shows the smoothed val loss (dashed) and the last diagnosis in its title.
-    ``history`` holds the per-epoch values and is checkpointed, so a resumed run's plot covers the
-    whole run; everything derived from it (EMA, diagnoses) is recomputed on load.
+    The PNG goes into the Trainer logger's run folder (read from the logger itself, never through
+    ``trainer.log_dir``, which under DDP is a collective the other ranks would not join), or
+    ``dirpath`` if given; it shows the smoothed val loss (dashed) and the last diagnosis in its
+    title. ``history`` holds the per-epoch values and is checkpointed, so a resumed run's plot
+    covers the whole run; everything derived from it (EMA, diagnoses) is recomputed on load. Every
+    fit starts a new history (reset in ``setup``).
 
-    Each epoch, after validation, it derives from the history (the derived quantities read the
-    ``train_loss``, ``val_loss``, ``train_acc`` and ``val_acc`` entries) and logs straight to the
-    Trainer's loggers (rank 0, at ``trainer.global_step``), each key only when computable:
+    A validation metric (a name starting with ``val``) is recorded only for epochs whose
+    validation ran (``check_val_every_n_epoch > 1``, ``limit_val_batches=0``...); the other epochs
+    get NaN, not the stale value ``trainer.callback_metrics`` still holds.
+
+    At the end of each epoch with validation it derives from the history (the derived quantities
+    read the ``train_loss``, ``val_loss``, ``train_acc`` and ``val_acc`` entries) and logs straight to
+    the Trainer's loggers (rank 0, once per epoch), each key only when computable:
 
     - ``curves/gap_loss``: generalisation gap ``val_loss - train_loss``;
     - ``curves/gap_acc``: ``train_acc - val_acc``;
     - ``curves/val_loss_ema``: val loss smoothed by :func:`ema_series` with ``ema_alpha``;
-    - ``curves/val_loss_ema_slope``: its change over the last epoch (negative = improving);
+    - ``curves/val_loss_ema_slope``: its change since the previous epoch with validation
+      (negative = improving);
     - ``curves/best_epoch``: the epoch (0-based, as ``trainer.current_epoch``) of the lowest val loss;
     - ``curves/diagnosis``: :func:`diagnose`'s label as an integer, :data:`DIAGNOSIS_CODES`:
       ``0`` underfitting, ``1`` improving, ``2`` plateau, ``3`` overfitting. The rule is
@@ -250,26 +125,30 @@ class LearningCurveMonitor(Callback):
       the train loss is lower than at that minimum, never before the val loss turns up.
 
     Attributes:
-        history: ``{metric: [per-epoch value]}`` (NaN where missing).
+        history: ``{metric: [per-epoch value]}`` (NaN where missing or not validated).
         epochs: the ``trainer.current_epoch`` of each recorded entry.
         val_loss_ema: the smoothed val loss per entry.
-        diagnoses, diagnosis_reasons: the label and its reason per entry (``None`` while no val
-            loss has been recorded).
+        diagnoses, diagnosis_reasons: the label and its reason per entry (``None`` for an epoch
+            without a finite val loss).
         diagnosis: the latest label (``None`` before the first).
         png_path: the PNG written at fit end.
 
     Args:
         dirpath: folder for the PNG (default: the logger's run folder).
         filename: PNG file name.
-        metrics: the per-epoch metric names to record from ``trainer.callback_metrics``.
+        metrics: the per-epoch metric names to record from ``trainer.callback_metrics`` (one name or several).
         ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio: the diagnosis
             settings, see :func:`diagnose`.
+
+    Raises:
+        ConfigurationError: for an argument out of range, naming it.
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> monitor = LearningCurveMonitor(ema_alpha=0.5, overfit_margin=0.02, overfit_epochs=3)
         >>> trainer = Trainer(callbacks=[monitor], max_epochs=3, logger=False)
-        >>> # after trainer.fit(...): monitor.diagnoses, monitor.history["val_loss"], monitor.png_path
+        >>> monitor.validation_metrics
+        ('val_loss', 'val_acc')
     """
 
     def __init__(
@@ -283,11 +162,17 @@ class LearningCurveMonitor(Callback):
         plateau_tol: float = 0.01,
         underfit_ratio: float = 0.5,
     ) -> None:
+        check_str("dirpath", dirpath, optional=True)
+        check_str("filename", filename)
         if not filename.endswith(".png"):
-            raise ValueError(f"`filename` must end with '.png', got {filename!r}")
+            raise ConfigurationError(f"`filename` must end with '.png', got {filename!r}")
+        if isinstance(metrics, str):
+            metrics = (metrics,)  # one metric name, not a sequence of characters
         if not metrics:
-            raise ValueError("`metrics` must name at least one metric, got an empty sequence")
-        _check_diagnosis_args(ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio)
+            raise ConfigurationError(f"`metrics` must name at least one metric, got {metrics!r}")
+        for name in metrics:
+            check_str("metrics", name)
+        check_diagnosis_args(ema_alpha, overfit_margin, overfit_epochs, plateau_tol, underfit_ratio)
         self.dirpath = dirpath
         self.filename = filename
         self.metrics = tuple(metrics)
@@ -298,37 +183,57 @@ class LearningCurveMonitor(Callback):
             "plateau_tol": plateau_tol,
             "underfit_ratio": underfit_ratio,
         }
+        self._reset()
+
+    def _reset(self) -> None:
         self.history: dict[str, list[float]] = {m: [] for m in self.metrics}
         self.epochs: list[int] = []
         self.val_loss_ema: list[float] = []
         self.diagnoses: list[str | None] = []
         self.diagnosis_reasons: list[str | None] = []
         self.png_path: str | None = None
+        self._validated_epoch = -1
+
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        """The metrics recorded only for epochs whose validation ran (names starting with ``val``)."""
+        return tuple(m for m in self.metrics if m.startswith("val"))
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(filename=self.filename)
+        return cached_state_key(self, filename=self.filename)
 
     @property
     def diagnosis(self) -> str | None:
         """The latest diagnosis label, ``None`` before the first."""
         return next((d for d in reversed(self.diagnoses) if d is not None), None)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new history per fit; a resume loads the checkpointed one after this
+            self._reset()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # In Lightning 2.x this runs after the epoch's validation, so train and val are both final.
         metrics = trainer.callback_metrics
+        validated = self._validated_epoch == trainer.current_epoch
         self.epochs.append(trainer.current_epoch)
         for name in self.metrics:
             value = metrics.get(name)
-            self.history[name].append(float(value) if value is not None else float("nan"))
+            stale = name in self.validation_metrics and not validated
+            self.history[name].append(float(value) if value is not None and not stale else math.nan)  # once per epoch
         self.val_loss_ema = ema_series(self.history.get("val_loss", []), self.diagnosis_kwargs["ema_alpha"])
         label, reason = self._diagnose(self.history)
         self.diagnoses.append(label)
         self.diagnosis_reasons.append(reason)
-        log_scalars(trainer, self._last_scalars())
+        log_metrics(trainer, self._last_scalars())
 
     def _diagnose(self, history: Mapping[str, Sequence[float]]) -> tuple[str | None, str | None]:
-        if not any(_finite(v) for v in history.get("val_loss", [])):
+        val = history.get("val_loss", [])
+        if not val or not is_finite(val[-1]):  # no new validation this epoch: nothing new to diagnose
             return None, None
         return diagnose(history, **self.diagnosis_kwargs)
 
@@ -340,16 +245,18 @@ class LearningCurveMonitor(Callback):
         out: dict[str, float] = {}
         gap_loss = last("val_loss") - last("train_loss")
         gap_acc = last("train_acc") - last("val_acc")
-        if _finite(gap_loss):
+        if is_finite(gap_loss):
             out["curves/gap_loss"] = gap_loss
-        if _finite(gap_acc):
+        if is_finite(gap_acc):
             out["curves/gap_acc"] = gap_acc
+        if not is_finite(last("val_loss")):
+            return out
         ema = self.val_loss_ema
-        if ema and _finite(ema[-1]):
-            out["curves/val_loss_ema"] = ema[-1]
-            if len(ema) > 1 and _finite(ema[-2]):
-                out["curves/val_loss_ema_slope"] = ema[-1] - ema[-2]
-        best = _argbest(self.history.get("val_loss", []), minimize=True)
+        out["curves/val_loss_ema"] = ema[-1]
+        previous = [e for e, v in zip(ema[:-1], self.history["val_loss"][:-1], strict=True) if is_finite(v)]
+        if previous:
+            out["curves/val_loss_ema_slope"] = ema[-1] - previous[-1]
+        best = argbest(self.history.get("val_loss", []), minimize=True)
         if best is not None:
             out["curves/best_epoch"] = float(self.epochs[best])
         if self.diagnoses and self.diagnoses[-1] is not None:
@@ -363,7 +270,7 @@ class LearningCurveMonitor(Callback):
     def _write(self, trainer: pl.Trainer) -> str | None:
         if not self.epochs:
             return None
-        folder = self.dirpath or log_dir_of(trainer)
+        folder = self.dirpath or log_dir_of(trainer)  # never trainer.log_dir: a collective under DDP
         history: dict[str, Sequence[float]] = dict(self.history)
         title = None
         if self.val_loss_ema:

@@ -37,6 +37,7 @@ __all__ = [
     "batch_state",
     "batch_length",
     "length_or_none",
+    "cached_state_key",
 ]
 
 
@@ -170,3 +171,26 @@ def length_or_none(obj: Any) -> int | None:
         return len(obj)
     except TypeError:
         return None
+
+
+def cached_state_key(callback: Any, **identity: Any) -> str:
+    """Lightning's ``state_key`` for ``callback`` (``Class{identity}``), built once per identity.
+
+    Lightning reads every callback's ``state_key`` at each hook call (it names the profiler's
+    section), so a key built from ``repr(identity)`` would be rebuilt about ten times a step.
+
+    Example:
+        >>> from lightning.pytorch.callbacks import Callback
+        >>> class Stop(Callback):
+        ...     @property
+        ...     def state_key(self):
+        ...         return cached_state_key(self, monitor="val_loss")
+        >>> Stop().state_key
+        "Stop{'monitor': 'val_loss'}"
+    """
+    cached = callback.__dict__.get("_cached_state_key")
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    key = callback._generate_state_key(**identity)
+    callback.__dict__["_cached_state_key"] = (identity, key)
+    return key

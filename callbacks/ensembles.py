@@ -2,8 +2,9 @@
 
 Cosine learning-rate cycles with restarts; the weights at the end of every cycle are saved as a
 snapshot, and the snapshots' averaged softmax predictions form the ensemble.
-:func:`snapshot_lr_factor` is the pure schedule, :func:`evaluate_snapshot_ensemble` the pure
-evaluation; :class:`SnapshotEnsemble` applies the one and offers the other.
+:func:`snapshot_lr_factor` is the pure schedule (the cosine of :mod:`.schedules`, restarted every
+cycle), :func:`evaluate_snapshot_ensemble` the pure evaluation; :class:`SnapshotEnsemble` sets the
+one as a factor on the fit's LR path and offers the other.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from ._logging import log_dir_of, log_scalars
+from ._checks import ConfigurationError, check_int, check_number, check_str
+from ._logging import CadenceLog, log_dir_of, log_metrics
+from .engine import cached_state_key
+from .lr_path import LRFactorCallback
+from .schedules import cosine_factor
 
 __all__ = ["SnapshotEnsemble", "snapshot_lr_factor", "evaluate_snapshot_ensemble", "load_snapshot_state"]
 
@@ -30,8 +34,9 @@ def snapshot_lr_factor(
     """LR multiplier at ``epoch + epoch_fraction``: cosine from 1 down to ``min_lr_factor`` over each
     cycle of ``cycle_epochs`` epochs, restarting at 1 when a new cycle begins.
 
-    ``factor = min + (1 - min) * (1 + cos(pi * t)) / 2`` with ``t`` the position inside the cycle
-    in [0, 1): ``t = (epoch % cycle_epochs + epoch_fraction) / cycle_epochs``.
+    ``cosine_factor(t, min_lr_factor)`` of :mod:`~epochwise.callbacks.schedules`, i.e.
+    ``min + (1 - min) * (1 + cos(pi * t)) / 2``, with ``t`` the position inside the cycle in
+    [0, 1): ``t = (epoch % cycle_epochs + epoch_fraction) / cycle_epochs``.
 
     Example:
         >>> [round(snapshot_lr_factor(e, cycle_epochs=2), 3) for e in range(5)]
@@ -39,14 +44,10 @@ def snapshot_lr_factor(
         >>> round(snapshot_lr_factor(1, 2, min_lr_factor=0.1, epoch_fraction=0.5), 4)
         0.2318
     """
-    if not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"`epoch` must be an int >= 0, got {epoch!r}")
-    if not isinstance(cycle_epochs, int) or cycle_epochs < 1:
-        raise ValueError(f"`cycle_epochs` must be an int >= 1, got {cycle_epochs!r}")
-    if not 0.0 <= epoch_fraction < 1.0:
-        raise ValueError(f"`epoch_fraction` must be in [0, 1), got {epoch_fraction!r}")
-    t = (epoch % cycle_epochs + epoch_fraction) / cycle_epochs
-    return min_lr_factor + (1.0 - min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    check_int("epoch", epoch, minimum=0)
+    check_int("cycle_epochs", cycle_epochs, minimum=1)
+    check_number("epoch_fraction", epoch_fraction, 0.0, 1.0, high_inclusive=False)
+    return cosine_factor((epoch % cycle_epochs + epoch_fraction) / cycle_epochs, min_lr_factor)
 
 
 def load_snapshot_state(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -98,7 +99,7 @@ def evaluate_snapshot_ensemble(
         True
     """
     if not snapshot_paths:
-        raise ValueError("`snapshot_paths` must name at least one snapshot, got an empty sequence")
+        raise ConfigurationError("`snapshot_paths` must name at least one snapshot, got an empty sequence")
     device = torch.device(device) if device is not None else _first_device(module)
     original = {k: v.detach().clone() for k, v in module.state_dict().items()}
     was_training = module.training
@@ -140,34 +141,38 @@ def evaluate_snapshot_ensemble(
     }
 
 
-class SnapshotEnsemble(Callback):
-    """Cosine LR cycles with restarts; save a snapshot of the weights at the end of every cycle.
+class SnapshotEnsemble(LRFactorCallback):
+    """Cosine LR cycles with restarts, as a factor on the one LR path; a snapshot of the weights at
+    the end of every cycle.
 
-    Before every training batch each optimizer param group's LR is set to its initial LR (the
-    group's ``initial_lr`` if a scheduler set one, else its ``lr`` when training starts) times
-    :func:`snapshot_lr_factor` of the epoch and the fraction of it done (``batch_idx /
-    trainer.num_training_batches``). Works with any optimizer; **it replaces the module's own LR
-    scheduler** (a configured scheduler still steps, but its LR is overwritten before every batch;
-    a warning says so). The position is derived from ``trainer.current_epoch`` and ``batch_idx``,
-    so a resumed run continues the same schedule.
+    Before every training batch the factor ``snapshot`` of the fit's
+    :class:`~epochwise.callbacks.lr_path.LRPath` is set to :func:`snapshot_lr_factor` of the epoch
+    and the fraction of it done (``batch_idx / trainer.num_training_batches``), so every param
+    group's LR is its scheduler's LR times the cycle factor times the other factors
+    (:class:`~epochwise.callbacks.lr.LRWarmup`, :class:`~epochwise.callbacks.lr.LRScaling`...), in
+    whatever order the callbacks are listed. A module LR scheduler keeps stepping on its own,
+    unscaled values (return only the optimizer for the paper's pure cycles). The position is
+    derived from ``trainer.current_epoch`` and ``batch_idx``, so a resumed run continues the
+    same schedule.
 
     At the end of every ``cycle_epochs``-th epoch (after validation) the LightningModule's
     ``state_dict`` is saved as ``{"state_dict", "cycle", "epoch"}`` to ``dirpath/filename``
     (default folder: ``<run folder>/snapshots``; written by rank 0 to a temporary name and moved
-    into place). After ``num_cycles * cycle_epochs`` epochs the fit is stopped; ``setup`` raises if
-    ``max_epochs`` is smaller than that.
+    into place; the ranks meet at one barrier per cycle). After ``num_cycles * cycle_epochs``
+    epochs the fit is stopped; ``setup`` raises if ``max_epochs`` is smaller than that. Every fit
+    starts afresh (``snapshot_paths`` is reset in ``setup``; a resume restores it).
 
     :meth:`ensemble_test` evaluates the snapshots and their ensemble with
     :func:`evaluate_snapshot_ensemble` on a test loader and logs the accuracies.
 
-    Logged (straight to the loggers, rank 0): every ``log_every_n_steps`` steps
-    ``snapshot_ensemble/lr_factor`` and ``snapshot_ensemble/cycle``; by :meth:`ensemble_test`
-    ``snapshot_ensemble/snapshot_<i>_acc``, ``snapshot_ensemble/ensemble_acc``,
-    ``snapshot_ensemble/best_snapshot_acc`` and ``snapshot_ensemble/ensemble_nll``.
+    Logged (straight to the loggers, rank 0): by the LR path ``lr/group{j}`` and
+    ``lr_factor/snapshot``; at Lightning's cadence and at each new cycle
+    ``snapshot_ensemble/cycle``; by :meth:`ensemble_test` ``snapshot_ensemble/snapshot_<i>_acc``,
+    ``snapshot_ensemble/ensemble_acc``, ``snapshot_ensemble/best_snapshot_acc`` and
+    ``snapshot_ensemble/ensemble_nll``.
 
     Attributes:
-        snapshot_paths: files saved so far, in cycle order (checkpointed).
-        base_lrs: initial LR per optimizer and param group (checkpointed).
+        snapshot_paths: files saved in this fit, in cycle order (checkpointed).
         results: the last :meth:`ensemble_test` result.
 
     Args:
@@ -178,14 +183,17 @@ class SnapshotEnsemble(Callback):
         filename: snapshot file name, a format string with ``{cycle}`` (0-based).
 
     Raises:
-        ValueError: for an argument out of range, naming it.
+        ConfigurationError: for an argument out of range, naming it.
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> snap = SnapshotEnsemble(cycle_epochs=4, num_cycles=3, min_lr_factor=0.01)
         >>> trainer = Trainer(callbacks=[snap], max_epochs=12, logger=False)
-        >>> # trainer.fit(model, dm); snap.ensemble_test(trainer, model, datamodule=dm)["ensemble_acc"]
+        >>> snap.total_epochs, round(snap.lr_factor_at(epoch=3, fraction=0.5), 4)
+        (12, 0.0477)
     """
+
+    factor_name = "snapshot"
 
     def __init__(
         self,
@@ -196,25 +204,24 @@ class SnapshotEnsemble(Callback):
         filename: str = "snapshot_{cycle}.pt",
     ) -> None:
         super().__init__()
-        for name, value in (("cycle_epochs", cycle_epochs), ("num_cycles", num_cycles)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-        if isinstance(min_lr_factor, bool) or not isinstance(min_lr_factor, (int, float)) or not 0.0 <= min_lr_factor <= 1.0:
-            raise ValueError(f"`min_lr_factor` must be in [0, 1], got {min_lr_factor!r}")
-        if not isinstance(filename, str) or "{cycle" not in filename:
-            raise ValueError(f"`filename` must be a format string containing '{{cycle}}', got {filename!r}")
+        check_int("cycle_epochs", cycle_epochs, minimum=1)
+        check_int("num_cycles", num_cycles, minimum=1)
+        check_number("min_lr_factor", min_lr_factor, 0.0, 1.0)
+        check_str("filename", filename)
+        if "{cycle" not in filename:
+            raise ConfigurationError(f"`filename` must be a format string containing '{{cycle}}', got {filename!r}")
         try:
             filename.format(cycle=0)
         except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"`filename` must format with only `cycle`, got {filename!r} ({err})") from None
+            raise ConfigurationError(f"`filename` must format with only `cycle`, got {filename!r} ({err})") from None
         self.cycle_epochs = cycle_epochs
         self.num_cycles = num_cycles
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.min_lr_factor = float(min_lr_factor)
         self.filename = filename
         self.snapshot_paths: list[str] = []
-        self.base_lrs: list[list[float]] | None = None
         self.results: dict[str, Any] | None = None
+        self._log = CadenceLog(watch=("snapshot_ensemble/cycle",))
 
     @property
     def total_epochs(self) -> int:
@@ -222,52 +229,40 @@ class SnapshotEnsemble(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(cycle_epochs=self.cycle_epochs, num_cycles=self.num_cycles)
+        return cached_state_key(self, cycle_epochs=self.cycle_epochs, num_cycles=self.num_cycles)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs != -1 and max_epochs < self.total_epochs:
-            raise ValueError(
+            raise ConfigurationError(
                 f"SnapshotEnsemble needs {self.num_cycles} cycles x {self.cycle_epochs} epochs ="
                 f" {self.total_epochs} epochs, but the Trainer has max_epochs={max_epochs}; set"
                 f" Trainer(max_epochs={self.total_epochs}) or more (the callback stops the fit itself)."
             )
+        super().setup(trainer, pl_module, stage)
+        self.snapshot_paths = []  # per fit; a checkpoint's list is loaded after setup
+        self.results = None
+        self._log.reset()
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.base_lrs is None:
-            self.base_lrs = [
-                [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups] for opt in trainer.optimizers
-            ]
-        if trainer.lr_scheduler_configs:
-            rank_zero_warn(
-                "SnapshotEnsemble sets the learning rate before every batch; the module's LR scheduler"
-                " is overridden. Return only the optimizer from configure_optimizers to silence this."
-            )
+    def lr_factor_at(self, epoch: int, fraction: float = 0.0) -> float:
+        """The cycle's LR factor at ``epoch + fraction`` (``fraction`` clipped below 1)."""
+        return snapshot_lr_factor(epoch, self.cycle_epochs, self.min_lr_factor, min(max(fraction, 0.0), 0.999999))
 
-    def lr_factor(self, epoch: int, batch_idx: int, batches_per_epoch: float) -> float:
-        """The LR factor for ``batch_idx`` of ``epoch`` (epoch granularity if the length is unknown)."""
-        fraction = batch_idx / batches_per_epoch if math.isfinite(batches_per_epoch) and batches_per_epoch > 0 else 0.0
-        return snapshot_lr_factor(epoch, self.cycle_epochs, self.min_lr_factor, min(fraction, 0.999999))
+    def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        """The factor for ``batch_idx`` of the current epoch (epoch granularity if its length is unknown)."""
+        batches = float(trainer.num_training_batches)
+        fraction = batch_idx / batches if math.isfinite(batches) and batches > 0 else 0.0
+        return self.lr_factor_at(trainer.current_epoch, fraction)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.base_lrs is None:
-            return
-        factor = self.lr_factor(trainer.current_epoch, batch_idx, float(trainer.num_training_batches))
-        for opt, lrs in zip(trainer.optimizers, self.base_lrs, strict=False):
-            for group, base in zip(opt.param_groups, lrs, strict=False):
-                group["lr"] = base * factor
-        if batch_idx % max(1, trainer.log_every_n_steps) == 0:
-            log_scalars(
-                trainer,
-                {
-                    "snapshot_ensemble/lr_factor": factor,
-                    "snapshot_ensemble/cycle": float(trainer.current_epoch // self.cycle_epochs),
-                },
-            )
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._log(trainer, {"snapshot_ensemble/cycle": float(trainer.current_epoch // self.cycle_epochs)})
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -287,7 +282,7 @@ class SnapshotEnsemble(Callback):
             tmp = f"{path}.tmp"
             torch.save({"state_dict": state, "cycle": cycle, "epoch": epoch}, tmp)
             os.replace(tmp, path)
-        trainer.strategy.barrier("SnapshotEnsemble._save")
+        trainer.strategy.barrier("SnapshotEnsemble._save")  # once per cycle: others wait for the file
         self.snapshot_paths = [p for p in self.snapshot_paths if p != path] + [path]
 
     def ensemble_test(
@@ -304,7 +299,7 @@ class SnapshotEnsemble(Callback):
         """
         if dataloader is None:
             if datamodule is None:
-                raise ValueError("pass `dataloader` or `datamodule` (got neither)")
+                raise ConfigurationError("pass `dataloader` or `datamodule` (got neither)")
             dataloader = datamodule.test_dataloader()
         if not self.snapshot_paths:
             raise RuntimeError("SnapshotEnsemble has no snapshots yet: run trainer.fit first")
@@ -314,13 +309,14 @@ class SnapshotEnsemble(Callback):
             metrics["snapshot_ensemble/ensemble_acc"] = self.results["ensemble_acc"]
             metrics["snapshot_ensemble/best_snapshot_acc"] = self.results["best_snapshot_acc"]
             metrics["snapshot_ensemble/ensemble_nll"] = self.results["ensemble_nll"]
-            log_scalars(trainer, metrics)
+            log_metrics(trainer, metrics)
         return self.results
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshot_paths": list(self.snapshot_paths), "base_lrs": self.base_lrs}
+        return {**super().state_dict(), "snapshot_paths": list(self.snapshot_paths)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.snapshot_paths = list(state_dict.get("snapshot_paths", self.snapshot_paths))
-        base = state_dict.get("base_lrs", self.base_lrs)
-        self.base_lrs = None if base is None else [list(map(float, lrs)) for lrs in base]

@@ -73,7 +73,7 @@ class LRScaling(LRFactorCallback):
             self.global_batch = None
 
     def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
-        owner = fit_state(trainer).batch.owner  # type: ignore[union-attr]
+        owner = self._fit.batch.owner  # type: ignore[union-attr]
         if owner is not None and owner.plan is not None:
             per_device, accumulation = owner.planned_size(batch_idx), owner.accumulation
         else:
@@ -235,7 +235,7 @@ class SampleBasedLRSchedule(LRFactorCallback):
             self._total = int(trainer.max_epochs) * length
 
     def lr_factor(self, trainer: pl.Trainer, batch_idx: int) -> float:
-        state = fit_state(trainer)
+        state = self._fit
         before = state.batch.samples_seen  # type: ignore[union-attr]
         if state.counted == (trainer.current_epoch, batch_idx):  # type: ignore[union-attr]
             # the controller already counted this batch: go back to the samples before it
@@ -248,7 +248,7 @@ class SampleBasedLRSchedule(LRFactorCallback):
     ) -> None:
         self._this_batch = batch_length(batch)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        fit_state(trainer).count_batch(trainer.current_epoch, batch_idx, self._this_batch)  # type: ignore[union-attr]
+        self._fit.count_batch(trainer.current_epoch, batch_idx, self._this_batch)  # type: ignore[union-attr]
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ._lightning_internals import detach_callback, is_logging_step, logging_step
 from ._logging import log_metrics
 from .engine import FitState, fit_state, release_fit_state
 
-__all__ = ["LRPath", "ScaledScheduler", "LRFactorCallback", "lr_tags"]
+__all__ = ["LRPath", "ScaledScheduler", "LRFactorCallback", "LRMonitor", "lr_tags"]
 
 
 def lr_tags(trainer: pl.Trainer) -> list[tuple[str, Optimizer, int]]:
@@ -66,9 +66,10 @@ class ScaledScheduler:
         (2.0, [0.5])
     """
 
-    def __init__(self, scheduler: Any, path: LRPath) -> None:
+    def __init__(self, scheduler: Any, path: LRPath, jumps: bool = False) -> None:
         self.scheduler = scheduler
         self.path = path
+        self.jumps = jumps  # stepped once per epoch (or on a plateau): its changes are jumps
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         optimizer = self.scheduler.optimizer
@@ -76,7 +77,7 @@ class ScaledScheduler:
         try:
             return self.scheduler.step(*args, **kwargs)
         finally:
-            self.path.reapply(optimizer)
+            self.path.reapply(optimizer, jump=self.jumps)
 
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
@@ -111,7 +112,10 @@ class LRPath:
         self.optimizers: list[Optimizer] = []
         self.attached = False
         self._logged_step = -1
+        self._checked_step = -1
         self._logged_discrete: dict[str, float] = {}
+        self._jumped = False
+        self._applied_product: float | None = None
 
     # -- membership -----------------------------------------------------------------------------
     def register(self, name: str, owner: str, discrete: bool = False) -> None:
@@ -154,7 +158,8 @@ class LRPath:
             original = config.scheduler
             if isinstance(original, ScaledScheduler):  # left over from a fit that crashed uncleanly
                 original = original.scheduler
-            config.scheduler = ScaledScheduler(original, self)
+            jumps = config.interval == "epoch" or bool(config.reduce_on_plateau)
+            config.scheduler = ScaledScheduler(original, self, jumps=jumps)
 
             def give_back(config: Any = config, original: Any = original) -> None:
                 config.scheduler = original
@@ -181,11 +186,17 @@ class LRPath:
                 self.unscaled[key] = float(group["lr"])
 
     def apply(self) -> None:
-        """Write ``unscaled x product`` into every param group."""
-        self.sync_unscaled()
+        """Write ``unscaled x product`` into every param group (nothing to do when no factor and
+        no LR changed since the last write: the common case, checked cheaply every batch)."""
         product = self.product
+        if product == self._applied_product and all(
+            group["lr"] == self.written.get(key) for key, group in self._groups()
+        ):
+            return
+        self.sync_unscaled()
         for key, group in self._groups():
             group["lr"] = self.written[key] = self.unscaled[key] * product
+        self._applied_product = product
 
     def unapply(self, optimizer: Optimizer) -> None:
         """Put the unscaled LRs back into ``optimizer`` (around a scheduler step)."""
@@ -193,12 +204,17 @@ class LRPath:
         for key, group in self._groups(optimizer):
             group["lr"] = self.unscaled[key]
 
-    def reapply(self, optimizer: Optimizer) -> None:
-        """After a scheduler step: record the new unscaled LRs and scale them again."""
+    def reapply(self, optimizer: Optimizer, jump: bool = False) -> None:
+        """After a scheduler step: record the new unscaled LRs and scale them again.
+
+        ``jump``: the step was an epoch-level (or plateau) change, logged at the next step.
+        """
         product = self.product
         for key, group in self._groups(optimizer):
+            before = self.unscaled.get(key)
             self.unscaled[key] = float(group["lr"])
             group["lr"] = self.written[key] = self.unscaled[key] * product
+            self._jumped = self._jumped or (jump and before != self.unscaled[key])
 
     # -- logging --------------------------------------------------------------------------------
     def log(self, trainer: pl.Trainer) -> None:
@@ -207,12 +223,18 @@ class LRPath:
         if not trainer.loggers:
             return
         step = logging_step(trainer)
-        if step == self._logged_step:
+        if step == self._checked_step:  # several LR callbacks ask at every step: decide once
             return
-        jumped = any(self._logged_discrete.get(n) != self.factors.get(n) for n in self.discrete)
+        self._checked_step = step
+        jumped = (
+            self._jumped
+            or self._logged_step < 0  # the LRs a fit starts with
+            or any(self._logged_discrete.get(n) != self.factors.get(n) for n in self.discrete)
+        )
         if not (jumped or is_logging_step(trainer)):
             return
         self._logged_step = step
+        self._jumped = False
         self._logged_discrete = {n: self.factors[n] for n in self.discrete if n in self.factors}
         metrics = {tag: float(opt.param_groups[j]["lr"]) for tag, opt, j in lr_tags(trainer)}
         metrics.update({f"lr_factor/{name}": value for name, value in self.factors.items()})
@@ -250,7 +272,7 @@ class LRFactorCallback(Callback):
         >>> trainer = Trainer(callbacks=[Halve()], max_epochs=1, logger=False)
     """
 
-    factor_name: ClassVar[str] = "factor"
+    factor_name: ClassVar[str | None] = "factor"
     discrete: ClassVar[bool] = False
 
     def __init__(self) -> None:
@@ -270,7 +292,8 @@ class LRFactorCallback(Callback):
         self._saved_path = None  # per fit; a checkpoint's state is loaded after setup
         self._fit = state = fit_state(trainer)
         self._path = state.lr_path()  # type: ignore[union-attr]
-        self._path.register(self.factor_name, type(self).__name__, self.discrete)
+        if self.factor_name is not None:
+            self._path.register(self.factor_name, type(self).__name__, self.discrete)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -281,6 +304,8 @@ class LRFactorCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.factor_name is None:
+            return
         path = self._path
         path.set_factor(self.factor_name, self.lr_factor(trainer, batch_idx))  # type: ignore[union-attr]
         path.apply()  # type: ignore[union-attr]
@@ -316,3 +341,21 @@ class LRFactorCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_path = state_dict.get("lr_path")
+
+
+class LRMonitor(LRFactorCallback):
+    """Logs the learning rates under epochwise's one tag scheme, with or without other LR callbacks.
+
+    ``lr/group{j}`` (``lr/opt{i}_group{j}`` with several optimizers): the LR each param group
+    actually used, at Lightning's ``log_every_n_steps`` cadence and at the step of every jump
+    (an epoch-level or plateau scheduler step, a batch-size rescaling). Use it instead of
+    Lightning's ``LearningRateMonitor`` (``lr-Adam``...) so that runs with and without epochwise's
+    LR callbacks overlay in TensorBoard; with LR callbacks present it changes nothing (the LR path
+    logs once per step whoever asks).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[LRMonitor()], max_epochs=1, logger=False)
+    """
+
+    factor_name = None

@@ -356,7 +356,7 @@ class ProgressiveResizing(BatchSizeController):
             size = self.image_size(trainer.current_epoch, full, fraction)
         if size != full:
             batch[self.input_key] = resize_batch(images, size, self.mode, self.antialias)
-        if trainer.loggers:
+        if not self._resize_log.skip_step(trainer, float(size[0])):
             scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))
             self._resize_log(trainer, {"progressive_resizing/size": float(size[0]), "progressive_resizing/scale": scale})
         if self.couple_batch_size:

@@ -4,6 +4,7 @@ from .augment import random_translate
 from .base import ImageArrays, InMemoryImageDataModule
 from .digits import DigitsDataModule
 from .memory import InMemoryImageDataset, gather_collate, make_loader
+from .preprocess import BatchTransform, channel_stats
 from .vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "InMemoryImageDataModule",
     "ImageArrays",
     "InMemoryImageDataset",
+    "BatchTransform",
+    "channel_stats",
     "gather_collate",
     "make_loader",
     "random_translate",

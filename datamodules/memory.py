@@ -9,6 +9,7 @@ already-batched tensors through.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,11 +28,16 @@ class _Gathered(tuple):
 class InMemoryImageDataset(Dataset):
     """Images and integer labels held as tensors; batches are gathered with one indexing op.
 
+    The tensors may live on any device (a GPU included): batches are gathered where they are.
+
     Args:
-        images: ``(N, C, H, W)`` tensor, already normalised (float) or raw ``uint8``.
-        targets: ``(N,)`` integer labels.
-        transform: optional function applied to a whole batch of images ``(B, C, H, W)``;
-            it runs once per batch, never per sample.
+        images: ``(N, C, H, W)`` tensor, stored compactly (``uint8`` as read from the files) or
+            already as floats.
+        targets: ``(N,)`` integer labels, on the same device as ``images``.
+        transform: optional function applied to a whole batch of images ``(B, C, H, W)``; it runs
+            once per batch, never per sample (:class:`.BatchTransform` converts, resizes,
+            normalises and augments). Use a module-level callable, not a local function or
+            lambda, so the dataset pickles into DataLoader workers under ``spawn``.
 
     Example:
         >>> import torch
@@ -54,6 +60,10 @@ class InMemoryImageDataset(Dataset):
                 f"`targets` must be 1-D with one label per image: got shape {tuple(targets.shape)}"
                 f" for {len(images)} images"
             )
+        if targets.device != images.device:
+            raise ValueError(
+                f"`targets` must be on the device of `images` ({images.device}), got {targets.device}"
+            )
         self.images = images
         self.targets = targets.long()
         self.transform = transform
@@ -69,8 +79,14 @@ class InMemoryImageDataset(Dataset):
 
     def gather(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         """A whole batch ``(images, targets)`` by one ``index_select`` (and one transform call)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.images.index_select(0, idx)
+        idx = torch.as_tensor(indices, dtype=torch.long).to(self.images.device)
+        images = self.images
+        if images.is_contiguous():
+            # Rows as one dimension: index_select copies whole rows, ~10x faster than over (C, H, W).
+            flat = images.view(images.shape[0], math.prod(images.shape[1:]))
+            x = flat.index_select(0, idx).view(len(idx), *images.shape[1:])
+        else:
+            x = images.index_select(0, idx)
         if self.transform is not None:
             x = self.transform(x)
         return x, self.targets.index_select(0, idx)
@@ -81,6 +97,12 @@ class GatheringView(Dataset):
 
     Kept separate from :class:`InMemoryImageDataset` so that a plain ``DataLoader`` over the
     dataset itself (default collate, one ``__getitem__`` per sample) keeps working.
+
+    Example:
+        >>> view = GatheringView(InMemoryImageDataset(torch.zeros(5, 1, 2, 2), torch.arange(5)))
+        >>> x, y = gather_collate(view.__getitems__([4, 0]))
+        >>> tuple(x.shape), y.tolist()
+        ((2, 1, 2, 2), [4, 0])
     """
 
     def __init__(self, dataset: InMemoryImageDataset) -> None:

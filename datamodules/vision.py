@@ -2,8 +2,9 @@
 
 torchvision's dataset classes download and parse the native files (IDX for the MNISTs, pickled
 batches for CIFAR-10); the DataModules take ``dataset.data`` / ``dataset.targets`` from them once,
-as ``(N, C, H, W)`` uint8 tensors, and hand them to :class:`.InMemoryImageDataModule`, which splits,
-resizes, normalises with train-split statistics and serves batches gathered by index.
+as ``(N, C, H, W)`` uint8 tensors, and hand them to :class:`.InMemoryImageDataModule`, which splits
+them (still uint8) and serves batches gathered by index, resized and normalised per batch with
+train-split statistics.
 
 File problems surface as two errors, each naming the file:
 
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from epochwise.modules._checks import check_bool
 
 from .base import ImageArrays, InMemoryImageDataModule
 
@@ -81,6 +84,8 @@ class _TorchvisionDataModule(InMemoryImageDataModule):
         image_size: int | None = None,
         augment_shift: int = 0,
         download: bool = False,
+        split_seed: int = 0,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -91,9 +96,13 @@ class _TorchvisionDataModule(InMemoryImageDataModule):
             seed=seed,
             image_size=image_size,
             augment_shift=augment_shift,
+            split_seed=split_seed,
+            device=device,
         )
+        if not isinstance(data_dir, (str, Path)) or not str(data_dir):
+            raise ValueError(f"`data_dir` must be a non-empty path (str or Path), got {data_dir!r}")
         self.data_dir = Path(data_dir)
-        self.download = download
+        self.download = check_bool("download", download)
         self.save_hyperparameters()
 
     # -- format-specific hooks ----------------------------------------------------------------
@@ -248,10 +257,12 @@ class MNISTDataModule(_IDXDataModule):
         batch_size: samples per batch (per device).
         num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
         val_fraction: fraction of the training images used for validation.
-        seed: seed of the train/val split and of the training shuffle.
+        seed: seed of the training shuffle (see :class:`.InMemoryImageDataModule`).
         image_size: side of the square images fed to the model (``None`` = native 28).
         augment_shift: random translation in pixels applied to training batches (0 = off).
         download: download missing files with torchvision in :meth:`prepare_data`.
+        split_seed: seed of the train/val split (independent of ``seed``).
+        device: where the ``uint8`` splits live (``None``: host memory; ``"auto"``, ``"cuda"``, ...).
 
     Raises:
         ValueError: on a bad argument (in ``__init__``).
@@ -285,10 +296,12 @@ class FashionMNISTDataModule(_IDXDataModule):
         batch_size: samples per batch (per device).
         num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
         val_fraction: fraction of the training images used for validation.
-        seed: seed of the train/val split and of the training shuffle.
+        seed: seed of the training shuffle (see :class:`.InMemoryImageDataModule`).
         image_size: side of the square images fed to the model (``None`` = native 28).
         augment_shift: random translation in pixels applied to training batches (0 = off).
         download: download missing files with torchvision in :meth:`prepare_data`.
+        split_seed: seed of the train/val split (independent of ``seed``).
+        device: where the ``uint8`` splits live (``None``: host memory; ``"auto"``, ``"cuda"``, ...).
 
     Raises:
         ValueError: on a bad argument (in ``__init__``).
@@ -327,11 +340,13 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         batch_size: samples per batch (per device).
         num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
         val_fraction: fraction of the training images used for validation.
-        seed: seed of the train/val split and of the training shuffle.
+        seed: seed of the training shuffle (see :class:`.InMemoryImageDataModule`).
         image_size: side of the square images fed to the model (``None`` = native 32).
         augment_shift: random translation in pixels applied to training batches (0 = off;
             4 is the usual CIFAR setting).
         download: download missing files with torchvision in :meth:`prepare_data`.
+        split_seed: seed of the train/val split (independent of ``seed``).
+        device: where the ``uint8`` splits live (``None``: host memory; ``"auto"``, ``"cuda"``, ...).
 
     Raises:
         ValueError: on a bad argument (in ``__init__``).

@@ -6,10 +6,12 @@ can feed smaller images than the ones the model was built for.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SimpleCNN", "ResNet", "MLP", "resnet20", "resnet18", "build_backbone"]
+__all__ = ["SimpleCNN", "ResNet", "MLP", "resnet20", "resnet18", "build_backbone", "BACKBONE_NAMES"]
 
 
 def _check_positive(**kwargs: int) -> None:
@@ -159,11 +161,19 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+#: Registry names -> constructors (classes and functions, never instances). Every constructor takes
+#: ``in_channels`` and ``num_classes``; the rest are its own keyword arguments.
 _BACKBONES = {"simple_cnn": SimpleCNN, "resnet20": resnet20, "resnet18": resnet18, "mlp": MLP}
+BACKBONE_NAMES = tuple(_BACKBONES)
 
 
-def build_backbone(name: str, **kwargs) -> nn.Module:
-    """Build a backbone by name (``simple_cnn``, ``resnet20``, ``resnet18``, ``mlp``)."""
-    if name not in _BACKBONES:
-        raise ValueError(f"`name` must be one of {sorted(_BACKBONES)}, got {name!r}")
+def build_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Build a backbone by registry name (``simple_cnn``, ``resnet20``, ``resnet18``, ``mlp``).
+
+    Example:
+        >>> type(build_backbone("mlp", in_channels=1, num_classes=10, hidden=(32,))).__name__
+        'MLP'
+    """
+    if not isinstance(name, str) or name not in _BACKBONES:
+        raise ValueError(f"`name` must be one of {', '.join(map(repr, BACKBONE_NAMES))}, got {name!r}")
     return _BACKBONES[name](**kwargs)

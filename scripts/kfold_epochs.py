@@ -10,10 +10,17 @@ epoch, epochs run), the mean and median best epoch, and the recommendation
     recommended max_epochs = ceil(margin x median best epoch)      (margin 1.1 by default)
 
 The median is robust to one odd fold; the margin leaves a little room above the typical best epoch.
-The final run trains on all k folds, k/(k-1) times more samples per epoch than a fold's model, so
-its best epoch tends to come no later than the folds': use the recommendation as ``max_epochs``
-with early stopping, or as a fixed epoch count without. A fold that ran into ``--max-epochs``
-without stopping is flagged: raise ``--max-epochs`` if that happens.
+The script only recommends: it trains no final model. Use the recommendation as ``max_epochs`` of
+your final run (``scripts/train.py fit --trainer.max_epochs N``), with early stopping or as a fixed
+epoch count. That run trains on the DataModule's own train split (``1 - val_fraction`` of the pool,
+0.9 by default), more samples per epoch than a fold's model sees (``(k-1)/k`` of the pool, 0.8 at
+k=5), so its best epoch tends to come no later than the folds'. A fold that ran into
+``--max-epochs`` without stopping is flagged: raise ``--max-epochs`` if that happens.
+
+The pool keeps the DataModule's normalisation (statistics of its train split); each fold's
+training batches are augmented as the DataModule's are, its validation batches are not. The
+folds come from ``--seed``, as does each fold's model initialisation and shuffle; the DataModule's
+test split is fixed (its ``split_seed``) whatever ``--seed``.
 
 Outputs under ``--out`` (default ``runs/kfold``): ``kfold_epochs.json`` (arguments, per-fold rows,
 summary) and each fold's learning-curve PNG, all written to a temporary name first and moved into
@@ -49,6 +56,7 @@ import torch  # noqa: E402
 from epochwise.callbacks.curves import LearningCurveMonitor  # noqa: E402
 from epochwise.callbacks.stopping import EarlyStopping  # noqa: E402
 from epochwise.datamodules import DigitsDataModule, InMemoryImageDataset, make_loader  # noqa: E402
+from epochwise.datamodules.sampler import SeededRandomSampler  # noqa: E402
 from epochwise.modules import ImageClassifier  # noqa: E402
 
 
@@ -64,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--image-size", type=int, default=28, help="digits resolution fed to the model (default: 28)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the folds and of each fold's model (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and of each fold's model and shuffle (default: 0)")
     p.add_argument("--out", default="runs/kfold", help="output folder (default: runs/kfold)")
     p.add_argument("--no-progress", action="store_true", help="hide Lightning's per-fold progress bar")
     p.add_argument(
@@ -87,13 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def training_pool(dm: pl.LightningDataModule) -> InMemoryImageDataset:
-    """The DataModule's train and val splits as one dataset (normalised with its train statistics)."""
+def training_pool(dm: pl.LightningDataModule) -> tuple[InMemoryImageDataset, InMemoryImageDataset]:
+    """The DataModule's train and val splits as one pool, twice: with the training transform
+    (normalisation and augmentation) and with the evaluation one (normalisation only).
+
+    The images stay in their stored dtype; the two datasets share them.
+    """
     dm.setup("fit")
     train, val = dm.train_set, dm.val_set
-    return InMemoryImageDataset(
-        torch.cat([train.images, val.images]), torch.cat([train.targets, val.targets]), transform=train.transform
-    )
+    images, targets = torch.cat([train.images, val.images]), torch.cat([train.targets, val.targets])
+    return (InMemoryImageDataset(images, targets, transform=train.transform),
+            InMemoryImageDataset(images, targets, transform=val.transform))
 
 
 def fold_indices(n: int, k: int, seed: int) -> list[torch.Tensor]:
@@ -102,13 +114,17 @@ def fold_indices(n: int, k: int, seed: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(perm, k))
 
 
-def run_fold(args: argparse.Namespace, pool: InMemoryImageDataset, folds: list[torch.Tensor], i: int) -> dict[str, Any]:
+def run_fold(
+    args: argparse.Namespace, pools: tuple[InMemoryImageDataset, InMemoryImageDataset],
+    folds: list[torch.Tensor], i: int,
+) -> dict[str, Any]:
+    fit_pool, eval_pool = pools
     val_idx = folds[i]
     train_idx = torch.cat([f for j, f in enumerate(folds) if j != i])
-    train = InMemoryImageDataset(pool.images[train_idx], pool.targets[train_idx], transform=pool.transform)
-    val = InMemoryImageDataset(pool.images[val_idx], pool.targets[val_idx])
-    g = torch.Generator().manual_seed(args.seed + i)
-    train_loader = make_loader(train, batch_size=args.batch_size, shuffle=True, generator=g)
+    train = InMemoryImageDataset(fit_pool.images[train_idx], fit_pool.targets[train_idx], transform=fit_pool.transform)
+    val = InMemoryImageDataset(eval_pool.images[val_idx], eval_pool.targets[val_idx], transform=eval_pool.transform)
+    sampler = SeededRandomSampler(train, seed=args.seed + i)  # order: a function of (seed, epoch)
+    train_loader = make_loader(train, batch_size=args.batch_size, sampler=sampler)
     val_loader = make_loader(val, batch_size=args.batch_size)
 
     pl.seed_everything(args.seed + i, verbose=False)
@@ -192,13 +208,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    dm = DigitsDataModule(batch_size=args.batch_size, image_size=args.image_size, seed=args.seed)
-    pool = training_pool(dm)
-    folds = fold_indices(len(pool), args.k, args.seed)
-    rows = [run_fold(args, pool, folds, i) for i in range(args.k)]
+    dm = DigitsDataModule(batch_size=args.batch_size, image_size=args.image_size)
+    pools = training_pool(dm)
+    n = len(pools[0])
+    folds = fold_indices(n, args.k, args.seed)
+    rows = [run_fold(args, pools, folds, i) for i in range(args.k)]
     summary = summarize(rows, args.margin)
     summary["wall_seconds"] = time.perf_counter() - start
-    print(f"\n{args.k}-fold cross-validation on digits ({len(pool)} training images), early stopping on val_loss"
+    print(f"\n{args.k}-fold cross-validation on digits ({n} training images), early stopping on val_loss"
           f" (patience {args.patience}), max {args.max_epochs} epochs per fold")
     print(format_table(rows, summary))
     if summary["folds_not_stopped"]:

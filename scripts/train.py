@@ -30,6 +30,13 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 class EpochwiseCLI(LightningCLI):
     """LightningCLI that tests the best checkpoint after ``fit`` and reports where outputs went."""
 
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
+        # The model is built for the DataModule's images: its channels and classes, read from the
+        # instantiated DataModule (a CIFAR-10 DataModule gets a 3-channel model). These two model
+        # options are therefore not set on the command line.
+        parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
     def after_fit(self) -> None:
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback

@@ -12,10 +12,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from epochwise.callbacks._checks import ConfigurationError
 from epochwise.callbacks.budget import (
     TRAINING_FLOPS_PER_FORWARD_FLOP,
     TrainingBudget,
     budget_fractions,
+    input_shape_key,
 )
 
 from conftest import MemoryLogger, quiet_trainer
@@ -63,16 +65,17 @@ def make_trainer(tmp_path=None, max_epochs: int = 100, **kwargs) -> pl.Trainer:
     "kwargs, match",
     [
         ({}, "set at least one of `max_samples`, `max_optimizer_steps`, `max_flops`"),
-        ({"max_samples": 0}, "`max_samples` must be an int >= 1 or None, got 0"),
-        ({"max_samples": 10.5}, "`max_samples` must be an int >= 1 or None, got 10.5"),
-        ({"max_optimizer_steps": True}, "`max_optimizer_steps` must be an int >= 1 or None, got True"),
-        ({"max_flops": -1.0}, "`max_flops` must be a finite number > 0 or None, got -1.0"),
-        ({"max_flops": float("inf")}, "`max_flops` must be a finite number > 0 or None, got inf"),
-        ({"max_samples": 5, "flops_per_sample": 0}, "`flops_per_sample` must be a finite number > 0"),
+        ({"max_samples": 0}, "`max_samples` must be None or an int >= 1, got 0"),
+        ({"max_samples": 10.5}, "`max_samples` must be None or an int >= 1, got 10.5"),
+        ({"max_optimizer_steps": True}, "`max_optimizer_steps` must be None or an int >= 1, got True"),
+        ({"max_flops": -1.0}, "`max_flops` must be None or a finite number > 0, got -1.0"),
+        ({"max_flops": float("inf")}, "`max_flops` must be None or a finite number > 0, got inf"),
+        ({"max_samples": 5, "flops_per_sample": 0}, "`flops_per_sample` must be None or a finite number > 0"),
+        ({"max_samples": 5, "verbose": "yes"}, "`verbose` must be True or False, got 'yes'"),
     ],
 )
 def test_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         TrainingBudget(**kwargs)
 
 
@@ -120,31 +123,115 @@ def test_changing_batch_sizes_are_counted_as_seen():
     assert budget.samples_seen == 128
 
 
-def test_flops_measured_once_on_first_batch():
+def test_flops_measured_on_the_first_batch_of_a_shape():
     budget = TrainingBudget(max_flops=TRAINING_FLOPS_PER_FORWARD_FLOP * FORWARD_FLOPS_PER_SAMPLE * 50)
     counter = BatchCounter()
     make_trainer(callbacks=[budget, counter]).fit(Tiny())
     assert budget.flops_per_sample == 3 * FORWARD_FLOPS_PER_SAMPLE
+    assert budget.flops_per_sample_by_shape == {((10,), ()): 3 * FORWARD_FLOPS_PER_SAMPLE}
     assert budget.samples_seen == 50 and len(counter.sizes) == 5
     assert budget.flops == pytest.approx(3 * FORWARD_FLOPS_PER_SAMPLE * 50)
     assert budget._counter is None  # the dispatch mode is not left active
+
+
+class TinyConv(pl.LightningModule):
+    """Conv -> global pool -> linear, trained on pre-built batches whose image size changes."""
+
+    def __init__(self, batches) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.batches = batches
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)
+
+
+def conv_training_flops(side: int) -> float:
+    # forward per sample: conv 2 x 4 x 1 x 9 multiply-adds per pixel, linear 2 x 4 x 3; x3 for training
+    return 3.0 * (72 * side * side + 24)
+
+
+def test_defect5_flops_counted_per_input_shape():
+    # progressive resizing in miniature: every epoch two batches of 8x8 images, then two of 32x32
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 1, side, side, generator=g), torch.randint(0, 3, (4,), generator=g))
+               for side in (8, 8, 32, 32)]
+    epoch_flops = 4 * (2 * conv_training_flops(8) + 2 * conv_training_flops(32))
+    budget = TrainingBudget(max_flops=2_000_000)
+    counter = BatchCounter()
+    make_trainer(callbacks=[budget, counter]).fit(TinyConv(batches))
+    assert budget.flops_per_sample_by_shape == {((1, 8, 8), ()): conv_training_flops(8),
+                                                ((1, 32, 32), ()): conv_training_flops(32)}
+    # epoch 0 (1.88 M) + two 8x8 batches (1.99 M) + one 32x32 batch: 2.88 M >= 2 M after 7 batches.
+    # Measuring once, on the first (8x8) batch, would count 16x too little and stop after 36.
+    assert len(counter.sizes) == 7 and budget.stopped
+    assert budget.flops == epoch_flops + 4 * (2 * conv_training_flops(8) + conv_training_flops(32))
+
+
+def test_input_shape_key():
+    batch = {"image": torch.zeros(2, 3, 4, 5), "label": torch.zeros(2), "meta": ["a", "b"]}
+    assert input_shape_key(batch) == ((3, 4, 5), ())
+
+
+def test_defect5_no_collective_in_any_step():
+    budget = TrainingBudget(max_samples=120, max_flops=1e12)
+    trainer = make_trainer(callbacks=[budget])
+    calls = []
+    original = trainer.strategy.reduce_boolean_decision
+
+    def counting(decision, all=True):  # noqa: A002 - Lightning's argument name
+        calls.append(decision)
+        return original(decision, all=all)
+
+    trainer.strategy.reduce_boolean_decision = counting
+    trainer.fit(Tiny())
+    assert budget.stopped and budget.samples_seen == 120
+    assert calls == []  # the decision is taken from counts every rank holds, never reduced
 
 
 def test_flops_per_sample_given_skips_measurement():
     budget = TrainingBudget(max_flops=1000.0, flops_per_sample=100.0)
     make_trainer(callbacks=[budget]).fit(Tiny())
     assert budget.flops_per_sample == 100.0 and budget.samples_seen == 10
+    assert budget.flops_per_sample_by_shape == {}
 
 
-def test_logged_keys():
+class LoggingTiny(Tiny):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("probe", 1.0, on_step=True, on_epoch=False)
+        return loss
+
+
+def test_logs_at_lightnings_cadence_and_at_the_stop():
     logger = MemoryLogger()
-    budget = TrainingBudget(max_samples=200, max_flops=1e9)
-    make_trainer(callbacks=[budget], logger=logger, log_every_n_steps=2).fit(Tiny())
+    budget = TrainingBudget(max_samples=205, max_flops=1e9)
+    make_trainer(callbacks=[budget], logger=logger, log_every_n_steps=3).fit(LoggingTiny())
     logged = [m for _, m in logger.rows if "budget/samples" in m]
     assert {"budget/samples", "budget/optimizer_steps", "budget/flops", "budget/fraction_used"} <= set(logged[-1])
-    assert logged[-1]["budget/samples"] == 200 and logged[-1]["budget/fraction_used"] == 1.0
+    assert logged[-1]["budget/samples"] == 210 and logged[-1]["budget/fraction_used"] == 210 / 205
     steps = [s for s, m in logger.rows if "budget/samples" in m]
-    assert steps[:-1] == list(range(2, 20, 2)) and steps[-1] == 20
+    lightning_steps = [s for s, m in logger.rows if "probe" in m]  # where Lightning logs self.log
+    # every 3rd step, and the step of the stop (batch 21), where Lightning logs because should_stop is set
+    assert steps == lightning_steps == [2, 5, 8, 11, 14, 17, 20]
+
+
+def test_defect7_second_fit_gets_a_new_budget():
+    budget = TrainingBudget(max_samples=100, max_flops=1e12)
+    first = BatchCounter()
+    make_trainer(callbacks=[budget, first]).fit(Tiny())
+    second = BatchCounter()
+    make_trainer(callbacks=[budget, second]).fit(Tiny())
+    assert len(first.sizes) == len(second.sizes) == 10 and budget.samples_seen == 100
+    assert budget.flops == pytest.approx(3 * FORWARD_FLOPS_PER_SAMPLE * 100)
 
 
 def test_resume_continues_the_count(tmp_path):
@@ -166,7 +253,7 @@ def test_state_dict_tolerant_and_pickle():
     budget = TrainingBudget(max_samples=10)
     budget.load_state_dict({})
     budget.load_state_dict({"samples_seen": 7})
-    assert budget.samples_seen == 7 and budget.flops_per_sample is None
+    assert budget.samples_seen == 7 and budget.flops is None
     clone = pickle.loads(pickle.dumps(budget))
     assert clone.samples_seen == 7 and clone.state_key == budget.state_key
     assert TrainingBudget(max_samples=20).state_key != budget.state_key

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from epochwise.callbacks._checks import ConfigurationError
 from epochwise.callbacks.curves import (
     DIAGNOSES,
     DIAGNOSIS_CODES,
@@ -75,7 +76,7 @@ def test_ema_series():
     assert math.isnan(ema_series([NAN, 2.0], alpha=0.5)[0])
     assert ema_series([], alpha=0.3) == []
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=f"`alpha` must be in \\(0, 1\\], got {bad}"):
+        with pytest.raises(ConfigurationError, match=f"`alpha` must be a number in \\(0, 1\\], got {bad}"):
             ema_series([1.0], bad)
 
 
@@ -141,17 +142,17 @@ def test_without_train_loss_and_with_missing_val():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"ema_alpha": 0.0}, "`ema_alpha` must be in \\(0, 1\\], got 0.0"),
+        ({"ema_alpha": 0.0}, "`ema_alpha` must be a number in \\(0, 1\\], got 0.0"),
         ({"overfit_margin": -0.1}, "`overfit_margin` must be a finite number >= 0, got -0.1"),
         ({"overfit_epochs": 0}, "`overfit_epochs` must be an int >= 1, got 0"),
         ({"plateau_tol": NAN}, "`plateau_tol` must be a finite number >= 0, got nan"),
-        ({"underfit_ratio": 1.0}, "`underfit_ratio` must be in \\[0, 1\\), got 1.0"),
+        ({"underfit_ratio": 1.0}, "`underfit_ratio` must be a number in \\[0, 1\\), got 1.0"),
     ],
 )
 def test_diagnosis_argument_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         diagnose({"val_loss": [1.0]}, **kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         LearningCurveMonitor(**kwargs)
 
 
@@ -234,10 +235,48 @@ def test_monitor_state_roundtrip_and_resume(tmp_path):
 
 
 def test_monitor_argument_validation():
-    with pytest.raises(ValueError, match="`filename` must end with '.png'"):
+    with pytest.raises(ConfigurationError, match="`filename` must end with '.png'"):
         LearningCurveMonitor(filename="curves.jpg")
-    with pytest.raises(ValueError, match="`metrics` must name at least one metric"):
+    with pytest.raises(ConfigurationError, match="`metrics` must name at least one metric"):
         LearningCurveMonitor(metrics=())
+    assert LearningCurveMonitor(metrics="val_loss").metrics == ("val_loss",)  # one name, not its letters
+
+
+def test_defect6_validation_values_only_for_epochs_with_validation(tmp_path):
+    # validation runs at epochs 1, 3, 5; the 9.9 values are never logged
+    seqs = {"train_loss": [1.0, 0.4, 0.3, 0.2, 0.15, 0.1], "val_loss": [9.9, 0.9, 9.9, 0.7, 9.9, 0.5]}
+    logger = MemoryLogger()
+    mon = LearningCurveMonitor(dirpath=str(tmp_path), underfit_ratio=0.0)
+    make_trainer(tmp_path, 6, callbacks=[mon], logger=logger, check_val_every_n_epoch=2).fit(ScriptedCurves(**seqs))
+    val = mon.history["val_loss"]
+    assert [math.isnan(v) for v in val] == [True, False, True, False, True, False]  # not [nan, .9, .9, .7, .7, .5]
+    assert [val[1], val[3], val[5]] == pytest.approx([0.9, 0.7, 0.5])
+    assert mon.history["train_loss"] == pytest.approx(seqs["train_loss"])
+    # no plateau from a repeated stale value: diagnosed only when validation ran
+    assert mon.diagnoses == [None, "improving", None, "improving", None, "improving"]
+    assert logger.series("curves/val_loss_ema") == pytest.approx([0.9, 0.8, 0.65])
+    assert logger.series("curves/val_loss_ema_slope") == pytest.approx([-0.1, -0.15])
+    assert logger.series("curves/best_epoch") == [1, 3, 5]
+
+
+def test_defect7_second_fit_starts_a_new_history(tmp_path):
+    mon = LearningCurveMonitor(dirpath=str(tmp_path))
+    for _ in range(2):
+        make_trainer(tmp_path, 3, callbacks=[mon]).fit(ScriptedCurves(**SEQS))
+        assert mon.epochs == [0, 1, 2] and mon.history["val_loss"] == pytest.approx(SEQS["val_loss"][:3])
+        assert len(mon.diagnoses) == 3
+
+
+@pytest.mark.slow
+def test_defect10_two_process_ddp_without_dirpath_writes_into_the_logger_folder(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    mon = LearningCurveMonitor()  # no dirpath: the run folder comes from the logger, on rank 0 only
+    trainer = quiet_trainer(strategy="ddp_spawn", devices=2, max_epochs=2, callbacks=[mon],
+                            logger=CSVLogger(str(tmp_path), name="run"))
+    trainer.fit(ScriptedCurves(**SEQS))  # used to end with "Connection closed by peer"
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert [str(p) for p in written] == ["run/version_0/learning_curves.png"]
 
 
 def test_plot_draws_ema_and_title(tmp_path):

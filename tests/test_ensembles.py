@@ -12,12 +12,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from epochwise.callbacks._checks import ConfigurationError
 from epochwise.callbacks.ensembles import (
     SnapshotEnsemble,
     evaluate_snapshot_ensemble,
     load_snapshot_state,
     snapshot_lr_factor,
 )
+from epochwise.callbacks.lr import LRWarmup
+from epochwise.callbacks.schedules import linear_warmup_factor
 
 from conftest import MemoryLogger, make_dataset, quiet_trainer
 
@@ -27,8 +30,9 @@ BATCHES_PER_EPOCH = 5
 class TwoGroups(pl.LightningModule):
     """Two param groups with different LRs; records the LRs each training step saw."""
 
-    def __init__(self, scheduler: bool = False) -> None:
+    def __init__(self, scheduler: bool = False, lr_scale: float = 1.0) -> None:
         super().__init__()
+        self.lr_scale = lr_scale
         torch.manual_seed(0)
         self.a = nn.Linear(4, 8)
         self.b = nn.Linear(8, 2)
@@ -45,7 +49,8 @@ class TwoGroups(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD([{"params": self.a.parameters(), "lr": 0.1}, {"params": self.b.parameters(), "lr": 0.02}])
+        opt = torch.optim.SGD([{"params": self.a.parameters(), "lr": 0.1 * self.lr_scale},
+                               {"params": self.b.parameters(), "lr": 0.02 * self.lr_scale}])
         if self.scheduler:
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
         return opt
@@ -103,12 +108,12 @@ def test_snapshot_lr_factor_shape():
     [
         ({"epoch": -1}, "`epoch` must be an int >= 0, got -1"),
         ({"cycle_epochs": 0}, "`cycle_epochs` must be an int >= 1, got 0"),
-        ({"epoch_fraction": 1.0}, "`epoch_fraction` must be in \\[0, 1\\), got 1.0"),
+        ({"epoch_fraction": 1.0}, "`epoch_fraction` must be a number in \\[0, 1\\), got 1.0"),
     ],
 )
 def test_snapshot_lr_factor_validation(kwargs, match):
     args = {"epoch": 0, "cycle_epochs": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         snapshot_lr_factor(**args)
 
 
@@ -117,14 +122,14 @@ def test_snapshot_lr_factor_validation(kwargs, match):
     [
         ({"cycle_epochs": 0}, "`cycle_epochs` must be an int >= 1, got 0"),
         ({"num_cycles": 2.0}, "`num_cycles` must be an int >= 1, got 2.0"),
-        ({"min_lr_factor": 1.5}, "`min_lr_factor` must be in \\[0, 1\\], got 1.5"),
+        ({"min_lr_factor": 1.5}, "`min_lr_factor` must be a number in \\[0, 1\\], got 1.5"),
         ({"filename": "snap.pt"}, "`filename` must be a format string containing '\\{cycle\\}'"),
         ({"filename": "{cycle}_{epoch}.pt"}, "`filename` must format with only `cycle`"),
     ],
 )
 def test_callback_validation(kwargs, match):
     args = {"cycle_epochs": 2, "num_cycles": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigurationError, match=match):
         SnapshotEnsemble(**args)
 
 
@@ -142,7 +147,6 @@ def test_sets_every_group_lr_per_batch_saves_snapshots_and_stops(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=50, callbacks=[snap, recorder])
     trainer.fit(model)
     assert trainer.current_epoch == 6  # stopped after 3 cycles x 2 epochs
-    assert snap.base_lrs == [[0.1, 0.02]]
     assert len(model.lrs) == 6 * BATCHES_PER_EPOCH
     for epoch, batch_idx, lr0, lr1 in model.lrs:
         assert lr0 == pytest.approx(expected_lr(0.1, epoch, batch_idx, 2, 0.1))
@@ -162,14 +166,48 @@ def test_max_epochs_too_small_is_an_error(tmp_path):
         quiet_trainer(tmp_path, max_epochs=5, callbacks=[snap]).fit(TwoGroups())
 
 
-def test_warns_that_the_module_scheduler_is_overridden(tmp_path):
-    snap = SnapshotEnsemble(cycle_epochs=1, num_cycles=2, dirpath=tmp_path)
+def test_composes_with_the_module_scheduler(tmp_path):
+    # the scheduler keeps stepping on its own values (StepLR halves every epoch); the cycle multiplies
+    snap = SnapshotEnsemble(cycle_epochs=2, num_cycles=2, dirpath=tmp_path, min_lr_factor=0.1)
     model = TwoGroups(scheduler=True)
-    with pytest.warns(UserWarning, match="scheduler is overridden"):
-        quiet_trainer(tmp_path, max_epochs=2, callbacks=[snap]).fit(model)
-    # the scheduler's initial_lr is the base; our factor wins before every batch
-    assert snap.base_lrs == [[0.1, 0.02]]
-    assert model.lrs[BATCHES_PER_EPOCH][2] == pytest.approx(0.1)  # epoch 1 restarts at the base LR
+    quiet_trainer(tmp_path, max_epochs=4, callbacks=[snap]).fit(model)
+    for epoch, batch_idx, lr0, lr1 in model.lrs:
+        assert lr0 == pytest.approx(expected_lr(0.1 * 0.5**epoch, epoch, batch_idx, 2, 0.1))
+        assert lr1 == pytest.approx(expected_lr(0.02 * 0.5**epoch, epoch, batch_idx, 2, 0.1))
+
+
+@pytest.mark.parametrize("order", ["warmup-first", "snapshot-first"])
+def test_defect4_composes_with_lr_warmup_in_any_order(tmp_path, order):
+    warmup = LRWarmup(duration=2, unit="epoch", start_factor=0.1)
+    snap = SnapshotEnsemble(cycle_epochs=2, num_cycles=2, dirpath=tmp_path, min_lr_factor=0.1)
+    model = TwoGroups()
+    callbacks = [warmup, snap] if order == "warmup-first" else [snap, warmup]
+    quiet_trainer(tmp_path, max_epochs=4, callbacks=callbacks).fit(model)
+    assert model.lrs[0][2] == pytest.approx(0.01)  # 0.1 x warmup 0.1 x cycle 1, not 0.1
+    for epoch, batch_idx, lr0, lr1 in model.lrs:
+        warm = linear_warmup_factor(epoch + batch_idx / BATCHES_PER_EPOCH, 2, 0.1)
+        assert lr0 == pytest.approx(warm * expected_lr(0.1, epoch, batch_idx, 2, 0.1))
+        assert lr1 == pytest.approx(warm * expected_lr(0.02, epoch, batch_idx, 2, 0.1))
+
+
+def test_defect7_second_fit_uses_its_own_learning_rates(tmp_path):
+    snap = SnapshotEnsemble(cycle_epochs=1, num_cycles=2, dirpath=tmp_path / "a", min_lr_factor=0.1)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[snap]).fit(TwoGroups())
+    snap.dirpath = str(tmp_path / "b")
+    second = TwoGroups(lr_scale=5.0)  # groups at 0.5 and 0.1
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[snap]).fit(second)
+    for epoch, batch_idx, lr0, lr1 in second.lrs:
+        assert lr0 == pytest.approx(expected_lr(0.5, epoch, batch_idx, 1, 0.1))
+        assert lr1 == pytest.approx(expected_lr(0.1, epoch, batch_idx, 1, 0.1))
+    assert snap.snapshot_paths == [str(tmp_path / "b" / f"snapshot_{c}.pt") for c in range(2)]
+
+
+def test_logs_the_cycle_when_it_changes(tmp_path):
+    logger = MemoryLogger()
+    snap = SnapshotEnsemble(cycle_epochs=2, num_cycles=3, dirpath=tmp_path)
+    quiet_trainer(tmp_path, max_epochs=6, callbacks=[snap], logger=logger, log_every_n_steps=50).fit(TwoGroups())
+    rows = [(step, m["snapshot_ensemble/cycle"]) for step, m in logger.rows if "snapshot_ensemble/cycle" in m]
+    assert rows == [(0, 0.0), (10, 1.0), (20, 2.0)]  # 5 steps per epoch, 2 epochs per cycle
 
 
 def test_resume_mid_cycle_continues_the_schedule(tmp_path):
@@ -188,7 +226,6 @@ def test_resume_mid_cycle_continues_the_schedule(tmp_path):
     resumed = SnapshotEnsemble(3, 2, dirpath=tmp_path / "b")
     resumed_model = TwoGroups()
     quiet_trainer(tmp_path, max_epochs=6, callbacks=[resumed]).fit(resumed_model, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert resumed.base_lrs == [[0.1, 0.02]]  # from the checkpoint, not the optimizer's current LR
     assert resumed.snapshot_paths == [str(tmp_path / "b" / "snapshot_0.pt"), str(tmp_path / "b" / "snapshot_1.pt")]
     expected = full_model.lrs[4 * BATCHES_PER_EPOCH :]
     assert [r[:2] for r in resumed_model.lrs] == [r[:2] for r in expected]
@@ -198,7 +235,7 @@ def test_resume_mid_cycle_continues_the_schedule(tmp_path):
 def test_state_dict_tolerant_and_pickle():
     snap = SnapshotEnsemble(2, 2)
     snap.load_state_dict({})
-    assert snap.snapshot_paths == [] and snap.base_lrs is None
+    assert snap.snapshot_paths == [] and snap.state_dict()["lr_path"] is None
     snap.load_state_dict({"snapshot_paths": ["a.pt"]})
     clone = pickle.loads(pickle.dumps(snap))
     assert clone.snapshot_paths == ["a.pt"] and clone.state_key == snap.state_key
@@ -271,4 +308,6 @@ def test_digits_snapshot_ensemble_end_to_end(tmp_path, one_thread):
     assert result["ensemble_nll"] <= sum(result["snapshot_nll"]) / 3 + 1e-6
     assert logger.series("snapshot_ensemble/ensemble_acc") == [pytest.approx(result["ensemble_acc"])]
     assert len(logger.series("snapshot_ensemble/snapshot_2_acc")) == 1
-    assert logger.series("snapshot_ensemble/lr_factor")[0] == 1.0
+    assert sorted(set(logger.series("snapshot_ensemble/cycle"))) == [0.0, 1.0, 2.0]
+    factors = logger.series("lr_factor/snapshot")  # logged by the LR path at Lightning's cadence
+    assert factors and all(0.0 <= f <= 1.0 for f in factors)

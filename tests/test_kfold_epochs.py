@@ -54,7 +54,20 @@ def test_argument_errors(kfold, argv, message, capsys):
 def test_help(kfold, capsys):
     with pytest.raises(SystemExit) as exc:
         kfold.parse_args(["--help"])
-    assert exc.value.code == 0 and "recommended max_epochs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "recommended max_epochs" in out
+    # the docstring once said "the final run trains on all k folds": the script trains no final run
+    assert "trains no final model" in out and "final run trains on all" not in out
+
+
+def test_training_pool_keeps_uint8_and_augments_training_folds_only(kfold):
+    from epochwise.datamodules import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=64, image_size=8, augment_shift=1)
+    fit_pool, eval_pool = kfold.training_pool(dm)
+    assert len(fit_pool) == len(dm.train_set) + len(dm.val_set)
+    assert fit_pool.images.dtype == torch.uint8 and fit_pool.images is eval_pool.images
+    assert fit_pool.transform.augment_shift == 1 and eval_pool.transform.augment_shift == 0
 
 
 def test_smoke_k2(kfold, tmp_path, capsys, one_thread):  # one_thread restores the count main() sets

@@ -261,3 +261,27 @@ def test_constructor_validation_names_the_argument(make, match):
     for kind in (MisconfigurationException, ValueError):
         with pytest.raises(kind, match=match):
             make()
+
+
+class PlateauModule(RecordingModule):
+    """val_loss never improves: ReduceLROnPlateau(patience=0) halves the LR after every epoch."""
+
+    def val_dataloader(self):
+        return DataLoader(make_dataset(8, seed=3), batch_size=8)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(1.0))
+
+
+def test_lr_monitor_logs_one_tag_at_cadence_and_at_every_epoch_jump():
+    from epochwise.callbacks import LRMonitor
+
+    logger = MemoryLogger()
+    module = PlateauModule(lr=0.1, scheduler="plateau")
+    fit(module, [LRMonitor()], DataLoader(make_dataset(40), batch_size=5), max_epochs=4, logger=logger,
+        log_every_n_steps=50)
+    rows = [(step, m["lr/group0"]) for step, m in logger.rows if "lr/group0" in m]
+    # the first LR, then each halving at the step it applies (the first epoch only sets the best)
+    assert rows == [(0, pytest.approx(0.1)), (16, pytest.approx(0.05)), (24, pytest.approx(0.025))]
+    assert not any(k.startswith("lr-") for _, m in logger.rows for k in m)
+    assert [r[4] for r in module.records] == pytest.approx([0.1] * 16 + [0.05] * 8 + [0.025] * 8)

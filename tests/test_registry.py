@@ -1,14 +1,18 @@
 """Generic tests every epochwise callback must pass, driven by one registry.
 
-Each entry: (name, factory). The tests check pickling, the state_dict round trip, and that the
-callback runs as a drop-in on a foreign LightningModule fed by a plain DataLoader passed to
-``trainer.fit`` — also under gradient accumulation and ``precision="bf16-mixed"``.
+Each entry: a factory and the exact effect the callback must have as a drop-in on a foreign
+LightningModule fed by a plain DataLoader passed to ``trainer.fit`` — with the defaults, under
+gradient accumulation and under ``precision="bf16-mixed"``. Every entry also pickles, deep-copies
+and round-trips its state.
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -16,41 +20,30 @@ import torch
 from torch.utils.data import DataLoader
 
 import epochwise.callbacks as cbs
+from epochwise.callbacks.schedules import cosine_factor, one_cycle_factor
 
 from conftest import make_dataset, quiet_trainer
 
-REGISTRY: dict[str, object] = {
-    "BatchSizeWarmup": lambda: cbs.BatchSizeWarmup(4, 16, interval=1),
-    "BatchSizeWarmup-step-maxdev": lambda: cbs.BatchSizeWarmup(4, 16, interval=2, unit="step", max_per_device=8),
-    "BatchSizeSchedule": lambda: cbs.BatchSizeSchedule({0: 8, 1: 16}),
-    "LRScaling": lambda: cbs.LRScaling("sqrt"),
-    "LRWarmup": lambda: cbs.LRWarmup(1, unit="epoch", start_factor=0.1),
-    "SampleBasedLRSchedule": lambda: cbs.SampleBasedLRSchedule("onecycle"),
-    "LearningCurveMonitor": lambda: cbs.LearningCurveMonitor(),
-    "EarlyStopping": lambda: cbs.EarlyStopping(
-        "val_loss", patience=1, restore_best_weights=True, min_delta_mode="rel", min_delta=0.01
-    ),
-    "MultiMetricEarlyStopping": lambda: cbs.MultiMetricEarlyStopping(
-        {"val_loss": {"patience": 1}, "val_acc": {"mode": "max", "test": "ttest", "window": 2}},
-        stop_when="any", restore_best_weights=True,
-    ),
-    "TrainingBudget": lambda: cbs.TrainingBudget(max_samples=100, max_flops=1e9),
-    "SnapshotEnsemble": lambda: cbs.SnapshotEnsemble(1, 3),
-}
+LR, N, BATCH, EPOCHS = 0.05, 64, 8, 3
 
 
 class ForeignModule(pl.LightningModule):
-    """A user's module that knows nothing about epochwise (dict of logs, its own names)."""
+    """A user's module that knows nothing about epochwise; records what each step saw."""
 
     def __init__(self):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        self.steps: list[tuple[int, int, int, int, float]] = []  # epoch, global step, batch_idx, size, lr
+        self.epoch_weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.steps.append((self.current_epoch, self.global_step, batch_idx, int(x.shape[0]), lr))
+        logits = self.net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
         self.log("train_loss", loss, on_epoch=True, on_step=False)
-        self.log("train_acc", (self.net(x).argmax(-1) == y).float().mean(), on_epoch=True, on_step=False)
+        self.log("train_acc", (logits.argmax(-1) == y).float().mean(), on_epoch=True, on_step=False)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -59,13 +52,143 @@ class ForeignModule(pl.LightningModule):
         self.log("val_loss", torch.nn.functional.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(-1) == y).float().mean())
 
+    def on_train_epoch_end(self):
+        self.epoch_weights[self.current_epoch] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+    def sizes(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for epoch, _, _, n, _ in self.steps:
+            out.setdefault(epoch, []).append(n)
+        return out
+
+    def lrs(self) -> list[float]:
+        return [lr for *_, lr in self.steps]
+
+
+def epoch_sizes(size: int) -> list[int]:
+    full, rest = divmod(N, size)
+    return [size] * full + ([rest] if rest else [])
+
+
+def samples_before(module: ForeignModule) -> list[int]:
+    out, seen = [], 0
+    for *_, n, _ in module.steps:
+        out.append(seen)
+        seen += n
+    return out
+
+
+def restored_best(callback, module: ForeignModule) -> None:
+    epoch = callback.restored_epoch
+    assert epoch is not None and epoch in module.epoch_weights
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, module.epoch_weights[epoch][key]), key
+
+
+@dataclass
+class Entry:
+    make: Callable[[], object]
+    check: Callable[[object, ForeignModule, pl.Trainer, int], None]  # (callback, module, trainer, accumulation)
+
+
+def check_warmup(cb, m, t, acc):
+    assert m.sizes() == {e: epoch_sizes(s) for e, s in enumerate([4, 8, 16])}
+
+
+def check_step_warmup(cb, m, t, acc):
+    per_step: dict[int, int] = {}
+    for _, step, _, n, _ in m.steps:
+        per_step[step] = per_step.get(step, 0) + n
+    ends = {max(s for e, s, *_ in m.steps if e == epoch) for epoch in range(EPOCHS)}
+    for step, n in per_step.items():
+        if step not in ends:  # the last step of an epoch may run out of samples
+            assert n == cb.schedule(step) * acc, step
+    assert max(n for *_, n, _ in m.steps) <= 8
+
+
+def check_schedule(cb, m, t, acc):
+    assert m.sizes() == {0: epoch_sizes(8), 1: epoch_sizes(16), 2: epoch_sizes(16)}
+
+
+def check_constant_lr(cb, m, t, acc):
+    assert m.lrs() == pytest.approx([LR] * len(m.steps))
+
+
+def check_lr_warmup(cb, m, t, acc):
+    per_epoch = N // BATCH
+    want = [LR * (0.1 + 0.9 * min(1.0, e + i / per_epoch)) for e, _, i, _, _ in m.steps]
+    assert m.lrs() == pytest.approx(want)
+
+
+def check_samples_schedule(cb, m, t, acc):
+    total = EPOCHS * N
+    want = [LR * one_cycle_factor(s / total) for s in samples_before(m)]
+    assert m.lrs() == pytest.approx(want)
+
+
+def check_curves(cb, m, t, acc):
+    assert cb.epochs == list(range(EPOCHS)) and len(cb.history["val_loss"]) == EPOCHS
+    assert cb.history["val_loss"][-1] == pytest.approx(float(t.callback_metrics["val_loss"]))
+    assert Path(cb.png_path).is_file()
+
+
+def check_early_stopping(cb, m, t, acc):
+    restored_best(cb, m)
+
+
+def check_budget(cb, m, t, acc):
+    # 100 samples is reached by the 13th batch of 8 (104 samples): the fit ends there
+    assert len(m.steps) == 13 and cb.samples_seen == 104 and cb.stopped
+
+
+def check_snapshots(cb, m, t, acc):
+    per_epoch = N // BATCH
+    want = [LR * cosine_factor(i / per_epoch) for _, _, i, _, _ in m.steps]
+    assert m.lrs() == pytest.approx(want)
+    assert [Path(p).name for p in cb.snapshot_paths] == ["snapshot_0.pt", "snapshot_1.pt", "snapshot_2.pt"]
+
+
+def check_micro_batch(cb, m, t, acc):
+    # nothing ran out of memory: every batch ran whole, once, at the constant LR; the module is given back
+    assert m.sizes() == {e: epoch_sizes(BATCH) for e in range(EPOCHS)} and m.lrs() == pytest.approx([LR] * len(m.steps))
+    assert cb.size is None and cb.ooms == 0 and cb.state_dict()["size"] is None
+    assert "training_step" not in m.__dict__ and "backward" not in m.__dict__
+
+
+REGISTRY: dict[str, Entry] = {
+    "AutoMicroBatch": Entry(lambda: cbs.AutoMicroBatch(), check_micro_batch),
+    "BatchSizeWarmup": Entry(lambda: cbs.BatchSizeWarmup(4, 16, interval=1), check_warmup),
+    "BatchSizeWarmup-step-maxdev": Entry(
+        lambda: cbs.BatchSizeWarmup(4, 16, interval=2, unit="step", max_per_device=8), check_step_warmup),
+    "BatchSizeSchedule": Entry(lambda: cbs.BatchSizeSchedule({0: 8, 1: 16}), check_schedule),
+    "LRScaling": Entry(lambda: cbs.LRScaling("sqrt"), check_constant_lr),
+    "LRMonitor": Entry(lambda: cbs.LRMonitor(), check_constant_lr),
+    "LRWarmup": Entry(lambda: cbs.LRWarmup(1, unit="epoch", start_factor=0.1), check_lr_warmup),
+    "SampleBasedLRSchedule": Entry(lambda: cbs.SampleBasedLRSchedule("onecycle"), check_samples_schedule),
+    "LearningCurveMonitor": Entry(lambda: cbs.LearningCurveMonitor(), check_curves),
+    "EarlyStopping": Entry(lambda: cbs.EarlyStopping(
+        "val_loss", patience=1, restore_best_weights=True, min_delta_mode="rel", min_delta=0.01), check_early_stopping),
+    "MultiMetricEarlyStopping": Entry(lambda: cbs.MultiMetricEarlyStopping(
+        {"val_loss": {"patience": 1}, "val_acc": {"mode": "max", "test": "ttest", "window": 2}},
+        stop_when="any", restore_best_weights=True), check_early_stopping),
+    "TrainingBudget": Entry(lambda: cbs.TrainingBudget(max_samples=100, max_flops=1e12), check_budget),
+    "SnapshotEnsemble": Entry(lambda: cbs.SnapshotEnsemble(1, EPOCHS), check_snapshots),
+}
+
+
+def test_every_public_callback_is_in_the_registry():
+    callbacks = {name for name in cbs.__all__ if isinstance(getattr(cbs, name), type)
+                 and issubclass(getattr(cbs, name), pl.Callback)}
+    abstract = {"BatchSizeController", "LRFactorCallback"}
+    assert callbacks - abstract <= {name.split("-")[0] for name in REGISTRY} | {"ProgressiveResizing"}
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_pickle_and_deepcopy(name):
-    callback = REGISTRY[name]()
+    callback = REGISTRY[name].make()
     clone = pickle.loads(pickle.dumps(callback))
     assert type(clone) is type(callback)
     assert copy.deepcopy(callback).state_dict() == callback.state_dict()
@@ -74,22 +197,21 @@ def test_pickle_and_deepcopy(name):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("setting", ["plain", "accumulate", "bf16"])
 def test_drop_in_on_foreign_module(name, setting, tmp_path):
-    callback = REGISTRY[name]()
-    loader = DataLoader(make_dataset(64), batch_size=8, shuffle=True)
+    entry = REGISTRY[name]
+    callback = entry.make()
+    torch.manual_seed(0)
+    loader = DataLoader(make_dataset(N), batch_size=BATCH, shuffle=True)
     val = DataLoader(make_dataset(32, seed=5), batch_size=16)
-    kwargs = {}
+    kwargs, acc = {}, 1
     if setting == "accumulate":
-        kwargs["accumulate_grad_batches"] = 2
+        kwargs["accumulate_grad_batches"] = acc = 2
     if setting == "bf16":
         kwargs["precision"] = "bf16-mixed"
-    trainer = quiet_trainer(tmp_path, callbacks=[callback], max_epochs=3, **kwargs)
+    trainer = quiet_trainer(tmp_path, callbacks=[callback], max_epochs=EPOCHS, **kwargs)
     module = ForeignModule()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val)
-    assert trainer.state.finished
-    for p in module.parameters():
-        assert torch.isfinite(p).all()
+    entry.check(callback, module, trainer, acc)
     # state round trip into a fresh instance
-    fresh = REGISTRY[name]()
+    fresh = entry.make()
     fresh.load_state_dict(copy.deepcopy(callback.state_dict()))
-    restored = fresh.state_dict()
-    assert set(restored) == set(callback.state_dict())
+    assert set(fresh.state_dict()) == set(callback.state_dict())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from epochwise.datamodules import DigitsDataModule
 from epochwise.modules.runtime import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,10 @@ def test_train_fit_end_to_end_writes_logs_checkpoint_and_curves(tmp_path):
     assert (run_dir / "learning_curves.png").stat().st_size > 10_000
     ckpts = list((run_dir / "checkpoints").glob("best-*.ckpt"))
     assert len(ckpts) == 1
+    from epochwise.modules import ImageClassifier
+
+    loaded = ImageClassifier.load_from_checkpoint(ckpts[0])  # the architecture is in the checkpoint
+    assert loaded.hparams.backbone == "simple_cnn" and loaded.hparams.in_channels == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
@@ -97,3 +102,35 @@ def test_every_recipe_builds(recipe, tmp_path, monkeypatch):
         assert {"BatchSizeWarmup", "LRScaling"} <= names
     if recipe == "batch_schedule.yaml":
         assert "BatchSizeSchedule" in names
+
+
+class ThreeChannelDigits(DigitsDataModule):
+    """Digits as 3-channel images with 12 classes: a DataModule the default model does not fit."""
+
+    num_channels = 3
+    num_classes = 12
+
+    def load_arrays(self):
+        arrays = super().load_arrays()
+        arrays.train_images = arrays.train_images.repeat(1, 3, 1, 1)
+        arrays.test_images = arrays.test_images.repeat(1, 3, 1, 1)
+        return arrays
+
+
+def test_model_takes_channels_and_classes_from_the_datamodule(tmp_path, monkeypatch):
+    """Before the link, the default model (1 channel) failed on a 3-channel DataModule."""
+    import importlib.util
+
+
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("epochwise_train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cli = module.main(["--data", f"{__name__}.ThreeChannelDigits", "--data.image_size", "8",
+                       "--trainer.logger", "false"], run=False)
+    assert (cli.model.hparams.in_channels, cli.model.hparams.num_classes) == (3, 12)
+    cli.datamodule.setup("fit")
+    x, _ = next(iter(cli.datamodule.train_dataloader()))
+    assert x.shape[1] == 3 and cli.model(x).shape == (len(x), 12)
+    default = module.main(["--trainer.logger", "false"], run=False)
+    assert (default.model.hparams.in_channels, default.model.hparams.num_classes) == (1, 10)

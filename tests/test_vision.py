@@ -115,17 +115,21 @@ def test_setup_serves_normalised_batches_with_paired_labels(case: Case, tmp_path
     assert sorted(fit_and_val.tolist()) == sorted(written.train_labels.tolist())
     assert dm.test_set.targets.tolist() == written.test_labels.tolist()
 
-    # Each image still carries its own label in its first pixel (after split and normalisation).
+    # Each image still carries its own label in its first pixel: stored as read (uint8, after the
+    # split), and in every gathered batch once normalisation is undone.
     for ds in (dm.train_set, dm.val_set, dm.test_set):
-        raw = (ds.images * dm.std + dm.mean) * 255
-        assert torch.equal(raw[:, 0, 0, 0].round().long(), ds.targets * LABEL_PIXEL_SCALE)
+        assert ds.images.dtype == torch.uint8
+        assert torch.equal(ds.images[:, 0, 0, 0].long(), ds.targets * LABEL_PIXEL_SCALE)
+        x, y = ds.gather(range(len(ds)))
+        raw = (x * dm.std + dm.mean) * 255
+        assert torch.equal(raw[:, 0, 0, 0].round().long(), y * LABEL_PIXEL_SCALE)
 
 
 @cases
 def test_normalisation_uses_the_train_split_only(case: Case, tmp_path: Path) -> None:
     case.write(tmp_path)
     dm = _setup(case, tmp_path)
-    train = dm.train_set.images
+    train = dm.train_set.gather(range(len(dm.train_set)))[0]
     assert dm.mean.shape == dm.std.shape == (case.channels, 1, 1)
     torch.testing.assert_close(
         train.mean(dim=(0, 2, 3)), torch.zeros(case.channels), atol=1e-4, rtol=0
@@ -134,7 +138,8 @@ def test_normalisation_uses_the_train_split_only(case: Case, tmp_path: Path) -> 
         train.std(dim=(0, 2, 3)), torch.ones(case.channels), atol=1e-4, rtol=0
     )
     # The written test images are much brighter: statistics mixing them in would hide that.
-    assert (dm.test_set.images.mean(dim=(0, 2, 3)) > 1.0).all()
+    test = dm.test_set.gather(range(len(dm.test_set)))[0]
+    assert (test.mean(dim=(0, 2, 3)) > 1.0).all()
 
 
 @cases
@@ -144,6 +149,8 @@ def test_image_size_resizes_every_split(case: Case, tmp_path: Path) -> None:
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         x, _ = next(iter(loader))
         assert x.shape[1:] == (case.channels, 16, 16)
+    # resized per batch: the stored images keep their native size
+    assert dm.train_set.images.shape[1:] == (case.channels, case.size, case.size)
 
 
 @cases
@@ -305,6 +312,10 @@ def test_failed_download_names_the_missing_files(
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"image_size": 0}, "image_size"),
         ({"augment_shift": -1}, "augment_shift"),
+        ({"download": 1}, "download"),
+        ({"seed": True}, "seed"),
+        ({"split_seed": 0.5}, "split_seed"),
+        ({"device": "tpu:x"}, "device"),
     ],
 )
 def test_bad_arguments_raise_value_error(
@@ -316,8 +327,9 @@ def test_bad_arguments_raise_value_error(
 
 @cases
 def test_hyperparameters_and_class_attributes(case: Case, tmp_path: Path) -> None:
-    dm = case.cls(data_dir=tmp_path, batch_size=16, image_size=20, download=False, seed=3)
+    dm = case.cls(data_dir=tmp_path, batch_size=16, image_size=20, download=False, seed=3, split_seed=4)
     assert dm.hparams.batch_size == 16 and dm.hparams.image_size == 20 and dm.hparams.seed == 3
+    assert dm.hparams.split_seed == 4 and dm.hparams.device is None
     assert Path(dm.hparams.data_dir) == tmp_path and dm.hparams.download is False
     assert (dm.num_channels, dm.num_classes) == (case.channels, 10)
 
