@@ -10,7 +10,6 @@ Plain functions over an ``nn.Module``; usable without Lightning.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from torch import Tensor, nn
 
 from ._batches import first_tensor, repeat_rows, template_batch
 from ._checks import check_choice, check_int, check_number
-from ._device_memory import MemoryMeter, is_out_of_memory
+from ._device_memory import MemoryMeter, available_bytes, is_out_of_memory
+from ._size_search import grow_and_bisect
 from ._snapshot import everything_restored
 
 __all__ = [
@@ -209,13 +209,9 @@ def probe_max_per_device(
     module: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer | None = None,
     safety_fraction: float = 0.8,
 ) -> int:
-    """Largest per-device batch whose *estimated* training memory fits in the device's free memory.
-
-    The fast guess; ``max_per_device="auto"`` measures with :func:`find_max_batch_size` instead.
-
-    The per-sample activation memory is measured with one forward pass on inputs shaped like the
-    loader's first sample (:func:`~epochwise.callbacks.epoch_math.estimate_max_batch_size`); free
-    memory is ``torch.cuda.mem_get_info`` on a GPU, else the available physical memory.
+    """Largest per-device batch whose *estimated* training memory (:func:`estimate_max_batch_size`,
+    one forward pass on the loader's first sample) fits in the device's free memory: the fast guess.
+    ``max_per_device="auto"`` measures with :func:`find_max_batch_size` instead.
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -223,26 +219,18 @@ def probe_max_per_device(
         >>> probe_max_per_device(torch.nn.Linear(3, 2), loader) > 1000
         True
     """
-    sample = loader.dataset[0]
-    x = sample[0] if isinstance(sample, (list, tuple)) else sample
-    if isinstance(x, dict):
-        x = next(v for v in x.values() if isinstance(v, torch.Tensor))
-    if not isinstance(x, torch.Tensor):
-        raise RuntimeError("max_per_device='auto' needs samples whose first element is a tensor")
+    x = first_tensor(template_batch(loader))
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_bytes()
     try:
         return estimate_max_batch_size(
-            module, tuple(x.shape), free, optimizer=_optimizer_kind(optimizer), safety_fraction=safety_fraction
+            module, tuple(x.shape[1:]), free, optimizer=_optimizer_kind(optimizer), safety_fraction=safety_fraction
         )
     except NotImplementedError as err:  # a LightningModule without forward()
         raise RuntimeError(
-            f"max_per_device='auto' runs the module's forward() on one batch to measure memory: {err}. "
-            "Define forward() or pass max_per_device as an int."
+            f"the memory estimate runs the module's forward() on one batch: {err}. Define forward(), or pass "
+            "max_per_device as an int."
         ) from err
 
 
@@ -263,12 +251,11 @@ _PRECISIONS = ("32-true", "32", *_AUTOCAST, *_CAST)
 class BatchSizeSearch:
     """What :func:`search_max_batch_size` measured.
 
-    ``size`` is the largest batch whose measured peak stays within ``budget_bytes`` =
-    ``(1 - headroom) x capacity_bytes`` (0: not even one sample); ``peak_bytes`` its peak.
-    ``trials`` lists ``(size, peak)`` in the order tried; the peak is ``None`` for an
-    out-of-memory error, or on CPU for a size not run because its predicted peak (linear in the
-    size, from the two largest fits) was over the budget. ``capped``: the search stopped at
-    ``max_batch_size`` with room to spare. ``total_bytes``: the device's whole memory.
+    ``size``: the largest batch whose measured peak (``peak_bytes``) stays within ``budget_bytes``
+    = ``(1 - headroom) x capacity_bytes`` (0: not even one sample). ``trials``: ``(size, peak)`` in
+    the order tried, peak ``None`` for out of memory or (CPU) a size not run because its peak,
+    extrapolated from the two largest fits, was over budget. ``capped``: stopped at
+    ``max_batch_size``. ``total_bytes``: the device's whole memory.
 
     Example:
         >>> s = BatchSizeSearch(8, 700, 850, 1000, 1000, "cpu", ((4, 500), (8, 700), (16, 1200)), False)
@@ -368,7 +355,7 @@ def search_max_batch_size(
         if optimizer is not None and any(p not in optimizer.state for g in optimizer.param_groups for p in g["params"]):
             trial(min(2, cap))  # allocate the optimizer's state first: later steps of the fit hold it
         guess = start or (_estimate_guess(module, template, optimizer, budget) if meter.cuda else 2)
-        size = _search(trial, trials, min(guess, cap), cap, budget, predict=not meter.cuda)
+        size = grow_and_bisect(trial, trials, min(guess, cap), cap, budget, predict=not meter.cuda)
     peak = dict(trials).get(size) if size else None
     capped = size == cap
     return BatchSizeSearch(size, peak, budget, capacity, meter.total(), device.type, tuple(trials), capped)
@@ -381,50 +368,6 @@ def _estimate_guess(module: nn.Module, template: Any, optimizer: Any, budget: in
         return max(1, estimate_training_memory(module, shape, kind).max_batch_size(budget))
     except Exception:  # the guess only saves trials
         return 1
-
-
-def _search(
-    trial: Callable[[int], int | None], trials: list[tuple[int, int | None]], first: int, cap: int, budget: int,
-    predict: bool,
-) -> int:
-    """Grow from ``first`` by doubling while the peak fits (halve if ``first`` does not), then bisect
-    between the last fit and the first failure. With ``predict`` (CPU, where running out of memory
-    ends the process), a size whose peak, extrapolated from the two largest fits, is over the budget
-    counts as a failure without being run."""
-
-    def fits(size: int) -> bool:
-        done = [(s, p) for s, p in trials if p is not None and p <= budget]
-        if predict and len(done) >= 2:
-            (s1, p1), (s2, p2) = sorted(done)[-2:]
-            if p2 + max(0.0, (p2 - p1) / (s2 - s1)) * (size - s2) > budget:
-                trials.append((size, None))
-                return False
-        peak = trial(size)
-        trials.append((size, peak))
-        return peak is not None and peak <= budget
-
-    low, high, size = 0, None, first
-    while high is None:
-        if fits(size):
-            low = size
-            if size >= cap:
-                return low
-            size = min(2 * size, cap)
-        else:
-            high = size
-    while low == 0 and high > 1:
-        size = high // 2
-        if fits(size):
-            low = size
-        else:
-            high = size
-    while high - low > 1:
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    return low
 
 
 def find_max_batch_size(
@@ -442,27 +385,23 @@ def find_max_batch_size(
 ) -> int:
     """The largest batch size whose real training step leaves ``headroom`` of the memory free.
 
-    Measures, does not estimate: each trial runs a training step at one size (``step(module,
-    batch)`` -> loss, ``backward()``, ``optimizer.step()``) on a batch made of the data's first
-    sample repeated, sizes grow by doubling until a step runs out of memory or its peak exceeds
-    ``(1 - headroom)`` of the capacity, then a binary search between the last fit and the first
-    failure finds the exact size. A size fits when its step raises no out-of-memory error and its
-    peak stays within the budget.
+    Each trial runs a training step (``step(module, batch)`` -> loss, ``backward()``,
+    ``optimizer.step()``) on the data's first sample repeated to one size; sizes double until a
+    step runs out of memory or peaks over ``(1 - headroom)`` of the capacity, then a bisection
+    between the last fit and the first failure finds the exact size.
 
-    - On a GPU: the peak is ``torch.cuda.max_memory_allocated`` of the step, the capacity the
-      device's free memory plus what this process's allocator holds, ``torch.OutOfMemoryError``
-      counts as a failure and the cache is emptied between trials; the estimate
+    - GPU: peak ``torch.cuda.max_memory_allocated``; capacity the free memory plus what this
+      process's allocator holds; the cache is emptied between trials; the memory estimate
       (:func:`estimate_training_memory`) is the first size tried.
-    - On CPU: the peak is the process's peak resident memory during the step (``VmHWM``, reset per
-      trial), the capacity its resident memory plus the memory still available (``MemAvailable``,
-      a cgroup limit, shared by ``processes`` ranks on the host); sizes start at 2, a size whose
-      extrapolated peak is over the budget is not run, and the search stops at ``max_batch_size``
-      (default :data:`CPU_SEARCH_CAP`).
+    - CPU: peak the process's resident memory during the step (``VmHWM``, reset per trial);
+      capacity its resident memory plus what is available (``MemAvailable``, a cgroup limit,
+      shared by ``processes`` ranks); sizes start at 2, a size whose extrapolated peak is over
+      budget is not run, and the search stops at ``max_batch_size`` (:data:`CPU_SEARCH_CAP`).
 
-    The module, its gradients and train/eval modes, the optimizer's state and hyperparameters and
-    the torch (CPU and CUDA), Python and NumPy random states are exactly as before when it returns
+    The module (weights, buffers, gradients, train/eval modes), the optimizer (state,
+    hyperparameters) and the torch, CUDA, Python and NumPy random states are exactly as before
     (the snapshot is kept on the host). Under DDP every rank calls it and the ranks take the
-    minimum (what the batch-size controllers do for ``max_per_device="auto"``).
+    minimum (as the batch-size controllers do for ``max_per_device="auto"``).
 
     Args:
         module: the model (a LightningModule is measured through its ``forward``).
@@ -498,10 +437,10 @@ def find_max_batch_size(
         capacity_bytes=capacity_bytes, processes=processes,
     )
     if found.size == 0:
-        first = found.trials[0] if found.trials else (1, None)
+        peak = dict(found.trials).get(1)
         raise RuntimeError(
             f"find_max_batch_size: not even a batch of 1 fits on {found.device}: its peak is "
-            f"{'out of memory' if first[1] is None else f'{first[1] / 2**20:.0f} MiB'} against a budget of "
+            f"{'out of memory' if peak is None else f'{peak / 2**20:.0f} MiB'} against a budget of "
             f"{found.budget_bytes / 2**20:.0f} MiB ({1 - headroom:.0%} of {found.capacity_bytes / 2**20:.0f} MiB)."
         )
     return found.size
