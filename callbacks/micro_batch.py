@@ -291,6 +291,8 @@ class AutoMicroBatch(Callback):
             return self._backward_fn(loss, *args, **kwargs)
         self._backward_fn(loss, *args, **kwargs)  # reaches only the detached copy
         factor = leaf.grad  # type: ignore[union-attr]
+        if factor is None:  # a backward() override that did not run the loss's backward
+            return None
         base = [p.grad for p in self._params]
         for p in self._params:
             p.grad = None
