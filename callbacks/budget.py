@@ -14,13 +14,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._checks import ConfigurationError, check_bool, check_int, check_number
 from ._logging import CadenceLog
 from .engine import cached_state_key
+from .stop_notices import announce_stop, forget_notices
 
 __all__ = ["TrainingBudget", "budget_fractions", "input_shape_key"]
 
@@ -180,6 +181,7 @@ class TrainingBudget(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new budget for every fit; a resume loads the counts after this
             self._reset()
+            forget_notices(self)
 
     # -- FLOPs: measured on the first batch of every input shape ------------------------------------
     def on_train_batch_start(
@@ -236,8 +238,7 @@ class TrainingBudget(Callback):
             self.stopped = True
             detail = ", ".join(f"{n} {self._used(n):.6g} >= {self._limit(n):.6g}" for n in spent)
             self.stopping_reason_message = f"Training budget spent: {detail}. Signaling Trainer to stop."
-            if self.verbose:
-                rank_zero_info(self.stopping_reason_message)
+            announce_stop(self, trainer.current_epoch, self.stopping_reason_message)
         if spent:  # again at every batch min_epochs/min_steps still make Lightning run
             trainer.should_stop = True
         self._log(trainer, self._metrics(fractions), force=first_stop)

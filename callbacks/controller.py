@@ -136,6 +136,12 @@ class BatchSizeController(Callback):
         """Scheduled per-device size of batch ``batch_idx`` of the current epoch."""
         return self._plan.size_of(batch_idx)  # type: ignore[union-attr]
 
+    def controlled_values(self) -> dict[str, float]:
+        """What this controller set for the current epoch (read by ``LearningCurveMonitor``)."""
+        if self._plan is None:
+            return {}
+        return {"batch size": float(self._plan.size_of(0)), "accumulation": float(self._plan.accumulation)}
+
     @property
     def accumulation(self) -> int:
         """Accumulation of the current epoch (the user's times the ``max_per_device`` split)."""

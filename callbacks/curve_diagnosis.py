@@ -81,17 +81,21 @@ def diagnose(
 
     1. ``overfitting``: the smoothed val loss has turned up from its minimum and stayed there:
        for each of the last ``overfit_epochs`` epochs (all after ``m``),
-       ``e > e[m] + overfit_margin * |e[m]|``, *and* the train loss is still falling:
-       ``t[now] < t[m]`` (checked when both are known). Since ``e`` only rises above its minimum
-       after some raw val loss exceeded every earlier one, this never fires before the val loss
-       has turned up.
+       ``e > e[m] + overfit_margin * |e[m]|``, it did not fall in the last epoch
+       (``e[now] >= e[prev]``: a recovering val loss is not overfitting), *and* the train loss is
+       still falling: ``t[now] < t[m]`` (checked when both are known). Since ``e`` only rises
+       above its minimum after some raw val loss exceeded every earlier one, this never fires
+       before the val loss has turned up.
     2. ``underfitting``: the train loss is still above ``underfit_ratio`` times its first value
        (the model has not yet learnt the training data; ``underfit_ratio=0`` disables the rule).
     3. ``plateau``: the smoothed val loss fell by less than ``plateau_tol`` (relative) in the last
-       epoch: ``(e[now] - e[prev]) / |e[prev]| > -plateau_tol`` (this includes a val loss that rose
-       but not yet enough, or not long enough, for rule 1).
+       epoch, ``(e[now] - e[prev]) / |e[prev]| > -plateau_tol`` (this includes a val loss that rose
+       but not yet enough, or not long enough, for rule 1); *or* no raw val loss of the last
+       ``overfit_epochs`` epochs beat the best before them (what early stopping calls no
+       improvement: a patience of ``overfit_epochs`` or more running out is never "improving").
     4. ``improving``: otherwise (the smoothed val loss falls by more than ``plateau_tol`` per
-       epoch, or there is only one epoch and rule 2 does not hold).
+       epoch and a recent epoch set a new best, or there is only one epoch and rule 2 does not
+       hold).
 
     Integer codes for logging: :data:`DIAGNOSIS_CODES` (underfitting 0, improving 1, plateau 2,
     overfitting 3).
@@ -133,7 +137,8 @@ def diagnose(
         threshold = e[m] + overfit_margin * abs(e[m])
         risen = all(e[j] > threshold for j in range(now - overfit_epochs + 1, now + 1))
         train_known = is_finite(train[now]) and is_finite(train[m])
-        if risen and (not train_known or train[now] < train[m]):
+        recovering = now > 0 and e[now] < e[now - 1]
+        if risen and not recovering and (not train_known or train[now] < train[m]):
             detail = f", train loss {train[m]:.4g} -> {train[now]:.4g}" if train_known else ""
             return "overfitting", (
                 f"smoothed val loss {e[now]:.4g} has stayed > {threshold:.4g} (min {e[m]:.4g} at epoch"
@@ -153,4 +158,8 @@ def diagnose(
     rel = slope / scale
     if rel > -plateau_tol:
         return "plateau", f"smoothed val loss changed by {rel:+.2%} in the last epoch (> -{plateau_tol:.2%})"
+    if now >= overfit_epochs and min(val[-overfit_epochs:]) >= min(val[:-overfit_epochs]):
+        return "plateau", (
+            f"no val loss of the last {overfit_epochs} epochs beat {min(val[:-overfit_epochs]):.4g}, the best before them"
+        )
     return "improving", f"smoothed val loss fell by {-rel:.2%} in the last epoch (>= {plateau_tol:.2%})"

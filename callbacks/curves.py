@@ -26,7 +26,9 @@ from .curve_diagnosis import (
     ema_series,
     is_finite,
 )
+from .curve_plot import plot_learning_curves
 from .engine import cached_state_key
+from .stop_notices import fit_stop
 
 __all__ = [
     "LearningCurveMonitor",
@@ -36,61 +38,6 @@ __all__ = [
     "DIAGNOSES",
     "DIAGNOSIS_CODES",
 ]
-
-
-def plot_learning_curves(
-    history: Mapping[str, Sequence[float]], path: str | os.PathLike, title: str | None = None
-) -> str:
-    """Write a two-panel PNG (loss | accuracy per epoch, train vs val) and return its path.
-
-    ``history`` maps metric names (``train_loss``, ``val_loss``, ``train_acc``, ``val_acc``, and
-    ``val_loss_ema`` drawn as a dashed line; others are ignored) to per-epoch values; NaN marks an
-    epoch where a metric was missing. The file is written to a temporary name first and moved into
-    place, so no half-written PNG is left behind.
-
-    Example:
-        >>> import tempfile, os
-        >>> p = plot_learning_curves({"train_loss": [1.0, 0.5], "val_loss": [1.1, 0.7]},
-        ...                          os.path.join(tempfile.mkdtemp(), "curves.png"))
-        >>> os.path.getsize(p) > 0
-        True
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, ("loss", "acc"), strict=True):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            values = list(history.get(f"{split}_{kind}", []))
-            if not values:
-                continue
-            epochs = range(1, len(values) + 1)
-            ax.plot(epochs, values, style, markersize=3, label=f"{split}")
-        ema = list(history.get("val_loss_ema", [])) if kind == "loss" else []
-        if ema:
-            ax.plot(range(1, len(ema) + 1), ema, "--", color="black", alpha=0.6, label="val (EMA)")
-        if kind == "loss":
-            best = argbest(history.get("val_loss", []), minimize=True)
-            if best is not None:
-                ax.axvline(best + 1, color="grey", linestyle=":", label=f"best val (epoch {best + 1})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss" if kind == "loss" else "accuracy")
-        ax.set_title("Loss" if kind == "loss" else "Accuracy")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 class LearningCurveMonitor(Callback):
@@ -186,6 +133,7 @@ class LearningCurveMonitor(Callback):
         self._reset()
 
     def _reset(self) -> None:
+        self.controlled: dict[str, list[float]] = {}
         self.history: dict[str, list[float]] = {m: [] for m in self.metrics}
         self.epochs: list[int] = []
         self.val_loss_ema: list[float] = []
@@ -229,7 +177,24 @@ class LearningCurveMonitor(Callback):
         label, reason = self._diagnose(self.history)
         self.diagnoses.append(label)
         self.diagnosis_reasons.append(reason)
+        self._record_controlled(trainer)
         log_metrics(trainer, self._last_scalars())
+
+    def _record_controlled(self, trainer: pl.Trainer) -> None:
+        """The batch size, LR and image size this epoch trained with (a panel of the figure)."""
+        values: dict[str, float] = {}
+        if trainer.optimizers:
+            values["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            report = getattr(callback, "controlled_values", None)
+            if callable(report):
+                values.update(report())
+        count = len(self.epochs) - 1
+        for name, value in values.items():
+            self.controlled.setdefault(name, [math.nan] * count).append(value)
+        for series in self.controlled.values():
+            if len(series) < len(self.epochs):
+                series.append(math.nan)
 
     def _diagnose(self, history: Mapping[str, Sequence[float]]) -> tuple[str | None, str | None]:
         val = history.get("val_loss", [])
@@ -264,7 +229,19 @@ class LearningCurveMonitor(Callback):
         return out
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop = fit_stop(trainer)
+        self._agree_with_the_stop(trainer)
         self.png_path = self._write(trainer)
+
+    def _agree_with_the_stop(self, trainer: pl.Trainer) -> None:
+        """A stop because the monitored value stopped improving is never diagnosed "improving"
+        (the stopping callback decides after this callback's epoch-end hook, so it is settled here)."""
+        stop = self._stop
+        if stop is None or not stop[2] or not self.diagnoses or self.diagnoses[-1] != "improving":
+            return
+        self.diagnoses[-1] = "plateau"
+        self.diagnosis_reasons[-1] = f"the fit stopped because {stop[1]}"
+        log_metrics(trainer, {"curves/diagnosis": float(DIAGNOSIS_CODES["plateau"])})
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer) -> str | None:
@@ -276,16 +253,24 @@ class LearningCurveMonitor(Callback):
         if self.val_loss_ema:
             history["val_loss_ema"] = self.val_loss_ema
         if self.diagnosis is not None:
-            title = f"diagnosis after epoch {self.epochs[-1] + 1}: {self.diagnosis}"
-        return plot_learning_curves(history, os.path.join(folder, self.filename), title=title)
+            title = f"diagnosis after epoch {self.epochs[-1]}: {self.diagnosis}"
+        best = argbest(self.history.get("val_loss", []), minimize=True)
+        best_mark = (self.epochs[best], f"val_loss {self.history['val_loss'][best]:.4g}") if best is not None else None
+        stop = getattr(self, "_stop", None)
+        return plot_learning_curves(
+            history, os.path.join(folder, self.filename), title=title, epochs=self.epochs,
+            controlled=self.controlled, best=best_mark, stop=(stop[0], stop[1]) if stop else None,
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {k: list(v) for k, v in self.history.items()}, "epochs": list(self.epochs)}
+        return {"history": {k: list(v) for k, v in self.history.items()}, "epochs": list(self.epochs),
+                "controlled": {k: list(v) for k, v in self.controlled.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         history = state_dict.get("history", {})
         self.history = {m: list(history.get(m, [])) for m in self.metrics}
         self.epochs = list(state_dict.get("epochs", []))
+        self.controlled = {k: list(v) for k, v in state_dict.get("controlled", {}).items()}
         # Derive, don't store: the EMA and each epoch's diagnosis are functions of the history.
         self.val_loss_ema = ema_series(self.history.get("val_loss", []), self.diagnosis_kwargs["ema_alpha"])
         derived = [self._diagnose({k: v[:i] for k, v in self.history.items()}) for i in range(1, len(self.epochs) + 1)]

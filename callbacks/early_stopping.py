@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from ._checks import (
@@ -26,6 +26,7 @@ from ._checks import (
 from ._logging import log_metrics
 from .best_weights import BestWeights
 from .engine import cached_state_key
+from .stop_notices import announce_restore, announce_stop, forget_notices
 from .stopping_rules import CheckOutcome, beats, evaluate_check, improvement_margin
 
 __all__ = ["EarlyStopping"]
@@ -128,7 +129,7 @@ class EarlyStopping(_LightningEarlyStopping):
         min_delta: float = 0.0,
         patience: int | float = 3,
         verbose: bool = False,
-        mode: str = "min",
+        mode: Literal["min", "max"] = "min",
         strict: bool = True,
         check_finite: bool = True,
         stopping_threshold: float | None = None,
@@ -136,7 +137,7 @@ class EarlyStopping(_LightningEarlyStopping):
         check_on_train_epoch_end: bool | None = None,
         log_rank_zero_only: bool = False,
         baseline: float | None = None,
-        min_delta_mode: str = "abs",
+        min_delta_mode: Literal["abs", "rel"] = "abs",
         restore_best_weights: bool = False,
         start_from_epoch: int = 0,
         log_prefix: str = "early_stopping",
@@ -258,6 +259,9 @@ class EarlyStopping(_LightningEarlyStopping):
         super()._run_early_stopping_check(trainer)
         if self._outcome is None:  # metric missing (strict=False) or fast_dev_run: nothing decided
             return
+        if self._outcome.should_stop and self.stopping_reason_message:
+            patience = self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+            announce_stop(self, trainer.current_epoch, self.stopping_reason_message, no_improvement=patience)
         if self._rule_is_new_best:
             self.best_epoch = trainer.current_epoch
             if self.restore_best_weights:
@@ -276,6 +280,7 @@ class EarlyStopping(_LightningEarlyStopping):
         if stage == "fit":  # Lightning's counters carry over (drop-in); the weights copy does not
             self.best_weights.setup(trainer)
             self.restored_epoch = None
+            forget_notices(self)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.restore_best_weights:
@@ -287,8 +292,8 @@ class EarlyStopping(_LightningEarlyStopping):
                 " comes from before this fit (an earlier fit, or a checkpoint without weights) and no check of"
                 " this fit beat it; the weights were not restored."
             )
-        elif self.restored_epoch is not None and self.verbose:
-            rank_zero_info(f"EarlyStopping: restored the weights of epoch {self.restored_epoch} ({self.monitor}).")
+        elif self.restored_epoch is not None:
+            announce_restore(self, self.restored_epoch, f"{self.monitor} {float(self._rule_best):.6g}")
 
     # -- state ------------------------------------------------------------------------------------
     @property

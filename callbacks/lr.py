@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -58,7 +58,7 @@ class LRScaling(LRFactorCallback):
     factor_name = "scaling"
     discrete = True
 
-    def __init__(self, rule: str = "linear", base_batch_size: int | None = None) -> None:
+    def __init__(self, rule: Literal["linear", "sqrt", "none"] = "linear", base_batch_size: int | None = None) -> None:
         super().__init__()
         self.rule = check_choice("rule", rule, ("linear", "sqrt", "none"))
         self.base_batch_size = check_int("base_batch_size", base_batch_size, minimum=1, optional=True)
@@ -124,7 +124,7 @@ class LRWarmup(LRFactorCallback):
 
     factor_name = "warmup"
 
-    def __init__(self, duration: float, unit: str = "epoch", start_factor: float = 0.0) -> None:
+    def __init__(self, duration: float, unit: Literal["epoch", "step"] = "epoch", start_factor: float = 0.0) -> None:
         super().__init__()
         self.duration = check_number("duration", duration, 0.0, low_inclusive=False)
         self.unit = check_choice("unit", unit, ("epoch", "step"))
@@ -181,7 +181,7 @@ class SampleBasedLRSchedule(LRFactorCallback):
 
     def __init__(
         self,
-        shape: str | Callable[[float], float] = "cosine",
+        shape: Literal["cosine", "linear", "onecycle"] | Callable[[float], float] = "cosine",
         total_samples: int | None = None,
         **shape_kwargs: Any,
     ) -> None:

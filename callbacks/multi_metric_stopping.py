@@ -9,7 +9,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from ._checks import ConfigurationError, check_bool, check_choice, check_int, check_str
@@ -17,6 +16,7 @@ from ._logging import log_metrics
 from .best_weights import BestWeights
 from .engine import cached_state_key
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
+from .stop_notices import announce_restore, announce_stop, forget_notices
 
 __all__ = ["MultiMetricEarlyStopping"]
 
@@ -161,6 +161,7 @@ class MultiMetricEarlyStopping(Callback):
             return
         self._reset()
         self.best_weights.setup(trainer)
+        forget_notices(self)
         if self.check_on_train_epoch_end is None:
             # Lightning's rule: after the training epoch only when validation runs once per epoch.
             self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
@@ -188,7 +189,7 @@ class MultiMetricEarlyStopping(Callback):
         epoch = trainer.current_epoch
         metrics: dict[str, float] = {}
         should_stop, reason = False, None
-        new_best = False
+        new_best = non_finite = False
         for name, tracker in self.trackers.items():
             value = logs.get(name)
             if value is None:
@@ -207,7 +208,7 @@ class MultiMetricEarlyStopping(Callback):
             if tracker.last_p_value is not None:
                 metrics[f"{self.log_prefix}/{name}_p_value"] = float(tracker.last_p_value)
             if self.check_finite and not math.isfinite(v) and not should_stop:
-                should_stop = True
+                should_stop = non_finite = True
                 reason = f"Monitored metric {name} = {v} is not finite. Signaling Trainer to stop."
         if not should_stop:  # a metric missing so far (strict=False) is not exhausted
             should_stop, reason = decide_stop(list(self.trackers.values()), self.stop_when)
@@ -219,16 +220,16 @@ class MultiMetricEarlyStopping(Callback):
         if should_stop:
             self.stopped_epoch = epoch
             self.stopping_reason_message = reason or "Another rank signalled to stop."
-            if self.verbose:
-                rank_zero_info(self.stopping_reason_message)
+            announce_stop(self, epoch, self.stopping_reason_message, no_improvement=not non_finite)
         log_metrics(trainer, metrics)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.restore_from is None:
             return
         self.restored_epoch = self.best_weights.restore(trainer, pl_module)
-        if self.restored_epoch is not None and self.verbose:
-            rank_zero_info(f"MultiMetricEarlyStopping: restored the weights of epoch {self.restored_epoch}.")
+        if self.restored_epoch is not None:
+            tracker = self.trackers[self.restore_from]
+            announce_restore(self, self.restored_epoch, f"{self.restore_from} {tracker.best:.6g}")
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {

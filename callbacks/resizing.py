@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import Tensor
@@ -174,7 +174,7 @@ class ProgressiveResizing(BatchSizeController):
         finetune_fraction: float | None = None,
         delay_fraction: float | None = None,
         size_increment: int | None = None,
-        mode: str = "resize",
+        mode: Literal["resize", "crop"] = "resize",
         antialias: bool = True,
         input_key: int | str = 0,
         couple_batch_size: bool = True,
@@ -225,6 +225,7 @@ class ProgressiveResizing(BatchSizeController):
         self.min_batch_size = min_batch_size
         self.max_batch_size = max_batch_size
         self._resize_log = CadenceLog(watch=("progressive_resizing/size",))
+        self._last_side: int | None = None
         self._full_hw: tuple[int, int] | None = None  # full size in force during this fit
         self._loaded_full_hw: tuple[int, int] | None = None
         self._max_epochs: int | None = None
@@ -262,6 +263,13 @@ class ProgressiveResizing(BatchSizeController):
         return coupled_batch_size(
             int(self.loader_batch_size), self._full_hw, size, self.min_batch_size, upper
         )
+
+    def controlled_values(self) -> dict[str, float]:
+        """The image side (and, when coupled, the batch size) of the current epoch."""
+        values = super().controlled_values() if self.couple_batch_size else {}
+        if self._last_side is not None:
+            values["image size"] = float(self._last_side)
+        return values
 
     # -- Lightning hooks ----------------------------------------------------------------------
     @override
@@ -354,6 +362,7 @@ class ProgressiveResizing(BatchSizeController):
             if isinstance(self.schedule, ContinuousResizeSchedule) and math.isfinite(per_epoch) and per_epoch > 0:
                 fraction = min(batch_idx / per_epoch, 1.0)
             size = self.image_size(trainer.current_epoch, full, fraction)
+        self._last_side = size[0]
         if size != full:
             batch[self.input_key] = resize_batch(images, size, self.mode, self.antialias)
         if not self._resize_log.skip_step(trainer, float(size[0])):

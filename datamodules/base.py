@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from epochwise.modules._checks import check_bool, check_int, check_number
-
+from ._checks import check_bool, check_int, check_number
 from .memory import InMemoryImageDataset, make_loader
 from .preprocess import BatchTransform, channel_stats, one_thread
 from .sampler import SeededRandomSampler

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from epochwise.modules._checks import check_number
-
+from ._checks import check_number
 from .base import ImageArrays, InMemoryImageDataModule
 
 __all__ = ["DigitsDataModule"]

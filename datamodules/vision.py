@@ -26,8 +26,7 @@ from torch import Tensor
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from epochwise.modules._checks import check_bool
-
+from ._checks import check_bool
 from .base import ImageArrays, InMemoryImageDataModule
 
 __all__ = ["CIFAR10DataModule", "FashionMNISTDataModule", "MNISTDataModule"]

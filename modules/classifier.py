@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ._checks import check_bool, check_choice, check_int, check_number
+from epochwise.datamodules._checks import check_bool, check_choice, check_int, check_number
+
 from .backbones import BACKBONE_NAMES, build_backbone
 from .optim import LARS
 
@@ -85,16 +86,21 @@ class ImageClassifier(pl.LightningModule):
         num_classes: number of classes (backbone output and metrics), >= 2.
         in_channels: image channels of a named backbone.
         optimizer: ``"adam"``, ``"sgd"``, ``"adamw"`` or ``"lars"`` (:class:`.LARS`).
-        lr, weight_decay, momentum: optimizer settings (momentum for SGD/LARS).
+        lr: learning rate (the peak LR for ``"onecycle"``).
+        weight_decay: L2 weight decay of the optimizer.
+        momentum: momentum of SGD and LARS.
         scheduler: ``None``, ``"step"`` (x``step_gamma`` every ``step_size`` epochs),
             ``"cosine"`` (to 0 over the run: over ``max_epochs`` per epoch, or per optimizer step
             over the estimated steps when ``max_steps`` is set), ``"onecycle"`` (per step over the
             estimated optimizer steps, max LR = ``lr``) or ``"plateau"`` (ReduceLROnPlateau on
             ``val_loss``). Cosine and one-cycle raise ``ValueError`` when the run is unbounded.
-        step_size, step_gamma: StepLR settings.
-        plateau_factor, plateau_patience: ReduceLROnPlateau settings.
+        step_size: epochs between LR cuts of the ``"step"`` scheduler.
+        step_gamma: LR multiplier at each cut of the ``"step"`` scheduler.
+        plateau_factor: LR multiplier of ReduceLROnPlateau.
+        plateau_patience: epochs without improvement before ReduceLROnPlateau cuts the LR.
         label_smoothing: cross-entropy label smoothing of the training loss, in ``[0, 1)``.
-        lars_trust_coefficient, lars_clip: LARS's ``trust_coefficient`` and ``clip`` (LARC mode).
+        lars_trust_coefficient: LARS's ``trust_coefficient`` (eta).
+        lars_clip: LARS's ``clip`` (the LARC mode: the local LR never above ``lr``).
 
     Example:
         >>> model = ImageClassifier("mlp", {"hidden": [64]}, optimizer="sgd", lr=0.1, scheduler="cosine")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_bool, check_number
+from epochwise.datamodules._checks import check_bool, check_number
 
 __all__ = ["LARS"]
 

@@ -334,7 +334,7 @@ def stage_picture(args: argparse.Namespace, path: Path) -> None:
 
     dm = DigitsDataModule(image_size=args.image_size, batch_size=args.batch_size)
     dm.setup("fit")
-    image = dm.test_set.images[3:4]  # (1, 1, H, W), normalised
+    image = dm.test_set.gather([3])[0]  # (1, 1, H, W) as stored
     sides = [side for _, side in args.stage_list]
     fig, axes = plt.subplots(1, len(sides), figsize=(2.4 * len(sides), 2.9))
     for ax, (start, side) in zip(axes, args.stage_list, strict=True):

@@ -1,41 +1,79 @@
-"""Train with LightningCLI. ``python scripts/train.py fit`` runs the default recipe on digits.
+"""Train an image classifier with LightningCLI. ``python scripts/train.py fit`` runs the default recipe.
 
-Recipes are YAML files in ``scripts/configs/`` (``--config scripts/configs/warmup.yaml``); every
-option is listed by ``python scripts/train.py fit --help``. After ``fit`` the best checkpoint is
-tested and the script prints where the logs, the checkpoint and the learning-curve PNG went.
+Recipes are YAML files in ``scripts/configs/`` (``--config scripts/configs/warmup.yaml``), merged
+over ``scripts/configs/default.yaml``. Any LightningDataModule works as data (``--data
+epochwise.datamodules.MNISTDataModule``, or your own by import path); the model is
+:class:`~epochwise.modules.ImageClassifier` with a backbone from the project's registry
+(``--model.backbone resnet20``), sized for the DataModule's channels and classes. Optimizer and LR
+scheduler are chosen with ``--model.optimizer`` / ``--model.scheduler`` (one way; LightningCLI's
+generic ``--optimizer``/``--lr_scheduler`` are switched off). After ``fit`` the best checkpoint is
+tested and a summary says where the logs, the checkpoint and the learning-curve PNG went and why
+the fit stopped.
 
-Set ``EPOCHWISE_NO_MALLOC_TUNING=1`` to keep glibc's default malloc thresholds (for comparison).
+A mistake in a recipe or a flag ends with one line naming the key (exit status 2); set
+``EPOCHWISE_TRACEBACK=1`` or pass ``--traceback`` for the traceback. Set
+``EPOCHWISE_NO_MALLOC_TUNING=1`` to keep glibc's default malloc thresholds (for comparison).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from epochwise.modules.runtime import tune_malloc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Before any tensor is allocated: see tune_malloc's docstring for why (about 1.35x on CPU here).
+from epochwise.modules.runtime import tune_malloc  # noqa: E402
+
+# Before any tensor is allocated: see tune_malloc's docstring for why.
 MALLOC_TUNED = tune_malloc() if not os.environ.get("EPOCHWISE_NO_MALLOC_TUNING") else False
 
+import lightning.pytorch as pl  # noqa: E402
+from cli_common import LoudAgain, OneLineParser, print_summary, quiet_lightning, run_cli  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from epochwise.callbacks import LearningCurveMonitor  # noqa: E402
-from epochwise.datamodules import InMemoryImageDataModule  # noqa: E402
+from epochwise.callbacks.stop_notices import stop_reasons  # noqa: E402
 from epochwise.modules import ImageClassifier  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
+def _channels(data: pl.LightningDataModule) -> int:
+    return int(getattr(data, "num_channels", 1))
+
+
+def _classes(data: pl.LightningDataModule) -> int:
+    return int(getattr(data, "num_classes", 10))
+
+
 class EpochwiseCLI(LightningCLI):
-    """LightningCLI that tests the best checkpoint after ``fit`` and reports where outputs went."""
+    """LightningCLI for image classifiers: any DataModule, one-line errors, test and summary after fit."""
+
+    def init_parser(self, **kwargs):  # noqa: ANN001, ANN201 - LightningCLI's signature
+        self.parser_class = OneLineParser
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
         # The model is built for the DataModule's images: its channels and classes, read from the
-        # instantiated DataModule (a CIFAR-10 DataModule gets a 3-channel model). These two model
-        # options are therefore not set on the command line.
-        parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # instantiated DataModule (a CIFAR-10 DataModule gets a 3-channel model).
+        parser.link_arguments("data", "model.in_channels", compute_fn=_channels, apply_on="instantiate")
+        parser.link_arguments("data", "model.num_classes", compute_fn=_classes, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning's default logger, without the hp_metric placeholder it writes once as -1
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            save_dir = config.trainer.default_root_dir or os.getcwd()
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=save_dir, name="lightning_logs", default_hp_metric=False),
+            )
+
+    def before_fit(self) -> None:
+        self.trainer.callbacks.insert(0, LoudAgain())  # Lightning info lines again once the fit starts
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -43,36 +81,41 @@ class EpochwiseCLI(LightningCLI):
         best = getattr(ckpt, "best_model_path", "") if isinstance(ckpt, ModelCheckpoint) else ""
         if not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
-        if trainer.is_global_zero:
-            curves = next((c for c in trainer.callbacks if isinstance(c, LearningCurveMonitor)), None)
-            print("\n== epochwise run ==")
-            print(f"logs (TensorBoard): {trainer.log_dir}   ->  tensorboard --logdir {Path(trainer.log_dir).parent}")
-            print(f"best checkpoint:    {best or '(none)'}")
-            print(f"learning curves:    {getattr(curves, 'png_path', None) or '(none)'}")
-            print(f"malloc tuning:      {'on' if MALLOC_TUNED else 'off'}")
+        curves = next((c for c in trainer.callbacks if isinstance(c, LearningCurveMonitor)), None)
+        extra = {"stopped": stop_reasons(trainer) or "max_epochs/max_steps reached",
+                 "malloc tuning": "on" if MALLOC_TUNED else "off"}
+        print_summary(self, best, getattr(curves, "png_path", None), extra)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
-    """Build the CLI; ``args`` as on the command line (default: ``sys.argv``).
+def build(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
+    """Build (and with ``run`` run) the CLI; ``args`` as on the command line.
 
     With ``run=False`` the CLI only parses and instantiates (no subcommand in ``args``).
     """
+    defaults = {"default_config_files": [str(CONFIGS / "default.yaml")]}
     return EpochwiseCLI(
         ImageClassifier,
-        InMemoryImageDataModule,  # digits by default (default.yaml); CIFAR-10, MNIST, ... by class_path
+        pl.LightningDataModule,
         subclass_mode_model=False,
         subclass_mode_data=True,
+        auto_configure_optimizers=False,
         seed_everything_default=0,
         # run=False has no subcommands: the default recipe then applies to the one parser
-        parser_kwargs=(
-            {"fit": {"default_config_files": [str(CONFIGS / "default.yaml")]}, "description": __doc__}
-            if run
-            else {"default_config_files": [str(CONFIGS / "default.yaml")], "description": __doc__}
-        ),
+        parser_kwargs=({"fit": defaults, "description": __doc__} if run else {**defaults, "description": __doc__}),
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:
+    """The command line entry point: :func:`build` with one-line errors (exit status 2).
+
+    Lightning's info lines ("GPU available", "Seed set") are held back until the fit starts, so a
+    mistake found before (in a recipe, a flag, the data files) is the only line on stderr.
+    """
+    quiet_lightning()
+    return run_cli(lambda argv: build(argv, run=run), args)
 
 
 if __name__ == "__main__":

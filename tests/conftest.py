@@ -123,9 +123,14 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 class MemoryLogger(Logger):
     """Keeps every ``log_metrics`` call: ``rows`` is a list of (step, {name: value})."""
 
-    def __init__(self) -> None:
+    def __init__(self, save_dir: str | None = None) -> None:
         super().__init__()
         self.rows: list[tuple[int, dict[str, float]]] = []
+        self._save_dir = save_dir
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._save_dir
 
     @property
     def name(self) -> str:

@@ -94,7 +94,7 @@ TRAIN = [2.0, 0.8, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02, 0.01]
         # falling by > 1% per epoch all the way: improving after the first (underfitting) epoch
         ([1.0, 0.8, 0.65, 0.55, 0.47, 0.41, 0.36, 0.32, 0.29, 0.26, 0.24, 0.22], "uiiiiiiiiiii"),
         # flat from epoch 4: the EMA (alpha 0.5) keeps falling > 1% per epoch until epoch 7
-        ([1.0, 0.8, 0.65, 0.55, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "uiiiiiiipppp"),
+        ([1.0, 0.8, 0.65, 0.55, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "uiiiiiippppp"),  # 3 epochs without a new best
         # raw minimum at epoch 4, EMA minimum (0.502) at epoch 6; the EMA is > 2% above it at
         # epochs 7, 8, 9, so overfitting from epoch 9 on; plateau while the rise is short
         ([1.0, 0.8, 0.6, 0.5, 0.45, 0.47, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75], "uiiiiipppooo"),
@@ -318,3 +318,45 @@ def test_acceptance_digits_overfitting_reported_after_val_loss_turns_up(tmp_path
             assert label != "overfitting"  # never at a new best val loss
     assert logger.series("curves/diagnosis")[-1] == DIAGNOSIS_CODES["overfitting"]
     assert logger.series("curves/gap_loss")[-1] > 0.1
+
+
+def test_diagnosis_never_calls_a_recovering_val_loss_overfitting():
+    hist = {"train_loss": [1.0, 0.2, 0.15, 0.1, 0.08, 0.06], "val_loss": [1.0, 0.2, 1.5, 1.5, 1.5, 1.2]}
+    label, reason = diagnose(hist, ema_alpha=0.5)
+    assert label == "plateau" and "beat" in reason  # the smoothed loss falls again: not overfitting
+    assert diagnose({k: v[:5] for k, v in hist.items()}, ema_alpha=0.5)[0] == "overfitting"
+
+
+def test_the_last_diagnosis_agrees_with_a_patience_stop(tmp_path):
+    from epochwise.callbacks import EarlyStopping
+
+    from _stopping_helpers import Scripted
+
+    monitor = LearningCurveMonitor(dirpath=str(tmp_path), underfit_ratio=0.0)
+    stopper = EarlyStopping("val_loss", patience=1)
+    logger = MemoryLogger()
+    trainer = quiet_trainer(callbacks=[monitor, stopper], max_epochs=10, logger=logger)
+    # the smoothed val loss still falls at epoch 2 (1.0, 0.75, 0.635), but 0.52 is no new best
+    trainer.fit(Scripted(val_loss=[1.0, 0.5, 0.52, 0.4], train_loss=[1.0, 0.6, 0.5, 0.4]))
+    assert trainer.current_epoch == 3 and monitor.epochs == [0, 1, 2]
+    assert monitor.diagnoses[-1] == "plateau" and "stopped because" in monitor.diagnosis_reasons[-1]
+    assert logger.series("curves/diagnosis")[-1] == DIAGNOSIS_CODES["plateau"]
+
+
+def test_the_figure_marks_best_and_stop_and_shows_what_changed(tmp_path):
+    from epochwise.callbacks import BatchSizeWarmup, LRScaling
+
+    monitor = LearningCurveMonitor(dirpath=str(tmp_path))
+    trainer = quiet_trainer(callbacks=[BatchSizeWarmup(4, 16, interval=1), LRScaling(), monitor], max_epochs=3)
+    from torch.utils.data import DataLoader
+
+    from conftest import RecordingModule, make_dataset
+
+    class Val(RecordingModule):
+        def val_dataloader(self):
+            return DataLoader(make_dataset(16, seed=2), batch_size=16)
+
+    trainer.fit(Val(), train_dataloaders=DataLoader(make_dataset(32), batch_size=4))
+    assert monitor.controlled["batch size"] == [4.0, 8.0, 16.0]
+    assert monitor.controlled["lr"] == pytest.approx([0.1, 0.2, 0.4])
+    assert (tmp_path / "learning_curves.png").stat().st_size > 10_000

@@ -345,3 +345,21 @@ def test_defect7_second_fit_restores_its_own_best():
     recorder, model = WeightRecorder(), Scripted(val_loss=[0.45, 0.3, 0.4])
     make_trainer(max_epochs=3, callbacks=[es, recorder]).fit(model)
     assert es.restored_epoch == 1 and same_weights(model.state_dict(), recorder.weights[1])
+
+
+def test_a_stop_and_a_restore_are_announced_once_on_rank_zero(caplog):
+    import logging
+
+    from epochwise.callbacks.stop_notices import stop_reasons
+
+    es = EarlyStopping("val_loss", patience=1, restore_best_weights=True)
+    trainer = make_trainer(callbacks=[es], max_epochs=10)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(Scripted(val_loss=[1.0, 0.5, 0.7, 0.8, 0.9]))
+    notices = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epochwise:")]
+    assert notices == [
+        "epochwise: EarlyStopping stopped the fit at epoch 2: Monitored metric val_loss did not improve in the last"
+        " 1 records. Best score: 0.500.",
+        "epochwise: EarlyStopping restored the weights of epoch 1 (val_loss 0.5)",
+    ]
+    assert stop_reasons(trainer) == [n.removeprefix("epochwise: ") for n in notices]
