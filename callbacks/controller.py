@@ -47,6 +47,7 @@ from ._lightning_internals import (
     validates_by_time,
 )
 from ._logging import CadenceLog
+from ._max_per_device import measure_max_per_device, same_batches
 from .engine import FitState, batch_length, fit_state, length_or_none, release_fit_state
 from .plans import EpochPlan, FitStep, plan_epoch, simulate_fit
 from .schedules import Unit
@@ -407,31 +408,15 @@ class BatchSizeController(Callback):
         unmeasured = None
         if self.max_per_device == "auto" and self._probed_max is None:
             unmeasured, key = self._plan, self._plan_key
-            self._probed_max = self._measure_max_per_device(trainer, pl_module)
+            self._probed_max = measure_max_per_device(trainer, pl_module, self._original, self._samples)
             self._plan_key = None
         if self._loaded is not None:
             self._fit.batch.samples_seen = int(self._loaded.get("samples_seen", 0))  # type: ignore[union-attr]
         if self._prepare(trainer) and not (unmeasured is not None and key == self._plan_key
-                                           and _same_batches(unmeasured, self._plan)):  # type: ignore[arg-type]
+                                           and same_batches(unmeasured, self._plan)):  # type: ignore[arg-type]
             restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
         self._validate_fit(trainer)
         self._loaded = None
-
-    def _measure_max_per_device(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """``max_per_device="auto"``: every rank measures its own device (real training steps,
-        :func:`~epochwise.callbacks.batch_memory.find_max_batch_size`) and all take the smallest."""
-        from .batch_memory import CPU_SEARCH_CAP, find_max_batch_size
-
-        cpu = pl_module.device.type == "cpu"
-        cap = self._samples  # no batch holds more than an epoch
-        if cpu:
-            cap = min(cap or CPU_SEARCH_CAP, CPU_SEARCH_CAP)
-        found = find_max_batch_size(
-            pl_module, self._original, trainer.optimizers[0] if trainer.optimizers else None,
-            precision=trainer.precision, max_batch_size=cap,
-            processes=trainer.num_devices if cpu else 1,  # CPU ranks share the host's memory
-        )
-        return int(trainer.strategy.all_gather(torch.tensor(found, device=pl_module.device)).min())
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -516,15 +501,6 @@ class BatchSizeController(Callback):
         self._last_state = dict(state_dict)
         if state_dict.get("probed_max_per_device") is not None:
             self._probed_max = int(state_dict["probed_max_per_device"])
-
-
-def _same_batches(a: EpochPlan, b: EpochPlan) -> bool:
-    """Whether two plans of one epoch give every batch the same size (a measured ``max_per_device``
-    that does not bind this epoch: the prefetched batches are right, and re-creating the iterator,
-    which draws a seed from the global RNG, would change the fit)."""
-    n = a.length if a.length is not None else 256  # a stream: more than any prefetch
-    return a.accumulation == b.accumulation and a.length == b.length and all(
-        a.size_of(i) == b.size_of(i) for i in range(n))
 
 
 def _is_stateful(loader: Any) -> bool:

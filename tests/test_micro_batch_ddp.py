@@ -74,4 +74,4 @@ def test_two_processes_agree_on_max_per_device_and_recover_from_one_ranks_out_of
     for rank in (r0, r1):
         ours = [c for c in rank["calls_collective"] if c["epochwise"]]
         assert [c for c in ours if c["per_step"]] == []
-        assert {c["epochwise"][0] for c in ours} == {"setup_data", "_measure_max_per_device", "on_train_epoch_start"}
+        assert {c["epochwise"][0] for c in ours} == {"setup_data", "measure_max_per_device", "on_train_epoch_start"}
