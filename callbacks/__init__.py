@@ -3,10 +3,13 @@
 from ._checks import ConfigurationError
 from .batch_memory import (
     OPTIMIZER_STATE_COPIES,
+    BatchSizeSearch,
     MemoryEstimate,
     estimate_max_batch_size,
     estimate_training_memory,
+    find_max_batch_size,
     probe_max_per_device,
+    search_max_batch_size,
 )
 from .batch_size import BatchSizeSchedule, BatchSizeWarmup
 from .best_weights import BestWeights
@@ -34,6 +37,7 @@ from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epoch
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .lr_path import LRFactorCallback, LRMonitor, LRPath, ScaledScheduler
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
+from .micro_batch import AutoMicroBatch
 from .multi_metric_stopping import MultiMetricEarlyStopping
 from .one_cycle import OneCycleBatchLR
 from .one_cycle_schedules import OneCycleBatchLRSchedule
@@ -58,6 +62,7 @@ __all__ = [
     "BatchSizeWarmup",
     "BatchSizeSchedule",
     "LRScaling",
+    "AutoMicroBatch",
     "LRWarmup",
     "SampleBasedLRSchedule",
     "LearningCurveMonitor",
@@ -77,6 +82,9 @@ __all__ = [
     "MilestoneSchedule",
     "lr_scale",
     "probe_max_per_device",
+    "find_max_batch_size",
+    "search_max_batch_size",
+    "BatchSizeSearch",
     "TrainingBudget",
     "budget_fractions",
     "DIAGNOSES",

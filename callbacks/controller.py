@@ -48,6 +48,7 @@ from ._lightning_internals import (
     validates_by_time,
 )
 from ._logging import CadenceLog
+from ._max_per_device import measure_max_per_device, same_batches
 from .engine import FitState, batch_length, fit_state, length_or_none, release_fit_state
 from .plans import EpochPlan, FitStep, plan_epoch, simulate_fit
 from .schedules import Unit
@@ -423,15 +424,15 @@ class BatchSizeController(Callback):
         if self._sampler is None:
             raise RuntimeError(f"{type(self).__name__}: the train loader was built before setup('fit')")
         self._training = True
+        unmeasured = None
         if self.max_per_device == "auto" and self._probed_max is None:
-            from .batch_memory import probe_max_per_device
-
-            found = probe_max_per_device(pl_module, self._original, trainer.optimizers[0] if trainer.optimizers else None)
-            self._probed_max = max(1, int(trainer.strategy.broadcast(found, src=0)))
+            unmeasured, key = self._plan, self._plan_key
+            self._probed_max = measure_max_per_device(trainer, pl_module, self._original, self._samples)
             self._plan_key = None
         if self._loaded is not None:
             self._fit.batch.samples_seen = int(self._loaded.get("samples_seen", 0))  # type: ignore[union-attr]
-        if self._prepare(trainer):
+        if self._prepare(trainer) and not (unmeasured is not None and key == self._plan_key
+                                           and same_batches(unmeasured, self._plan)):  # type: ignore[arg-type]
             restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
         self._validate_fit(trainer)
         self._loaded = None

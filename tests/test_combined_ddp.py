@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from test_ddp import PER_STEP_HOOKS, CollectiveCounter, indexed
 from test_one_cycle import expected
 from torch.utils.data import DataLoader
 
@@ -29,6 +28,7 @@ from epochwise.datamodules.text import GeneratedTextDataModule
 from epochwise.modules.language_model import CausalLM
 
 from conftest import RecordingModule, quiet_trainer
+from test_ddp import PER_STEP_HOOKS, CollectiveCounter, indexed
 
 EPOCHWISE = os.path.realpath(os.path.dirname(epochwise.callbacks.__file__))
 

@@ -72,7 +72,7 @@ class CollectiveCounter(Callback):
             code = frame.f_code
             if code.co_name in PER_STEP_HOOKS:
                 hooks.append(code.co_name)
-            if os.path.realpath(code.co_filename).startswith(EPOCHWISE):
+            if os.path.realpath(code.co_filename).startswith(EPOCHWISE):  # installed through a link, too
                 epochwise_frames.append(code.co_name)
             frame = frame.f_back
         return {"collective": name, "per_step": hooks, "epochwise": epochwise_frames}

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from epochwise.callbacks import (
+    AutoMicroBatch,
     BatchSizeSchedule,
     BatchSizeWarmup,
     CurriculumSampling,
@@ -57,6 +58,13 @@ def image_loader():
     return DataLoader(data, batch_size=4, shuffle=True)
 
 
+class OutOfMemoryAbove5(RecordingModule):
+    def training_step(self, batch, batch_idx):
+        if len(batch[0]) > 5:
+            raise torch.OutOfMemoryError("fake")
+        return super().training_step(batch, batch_idx)
+
+
 CASES = {
     "warmup+lr": (lambda: [BatchSizeWarmup(4, 16, interval=1, max_per_device=8), LRScaling(), LRWarmup(2)],
                   lambda: DataLoader(make_dataset(40), batch_size=4, shuffle=True), RecordingModule),
@@ -70,6 +78,8 @@ CASES = {
     "curriculum": (lambda: [CurriculumSampling(list(range(40)), start_fraction=0.5)],
                    lambda: DataLoader(make_dataset(40), batch_size=4, num_workers=2, persistent_workers=True),
                    RecordingModule),
+    "micro-batches": (lambda: [BatchSizeWarmup(4, 16, interval=1, max_per_device="auto"), AutoMicroBatch()],
+                      lambda: DataLoader(make_dataset(40), batch_size=4), OutOfMemoryAbove5),
 }
 
 

@@ -226,3 +226,69 @@ def test_lightning_attaches_module_handles_to_callbacks_and_detach_drops_them():
     assert "log" in keep.__dict__ and "log_dict" in keep.__dict__  # Lightning's doing
     detach_callback(keep)
     assert "log" not in keep.__dict__ and "log_dict" not in keep.__dict__
+
+
+def test_fact_20_16_mixed_on_cpu_is_bf16_unless_the_plugin_is_given():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    with pytest.warns(UserWarning, match="AMP with fp16 is not supported on CPU"):
+        assert quiet_trainer(precision="16-mixed").precision == "bf16-mixed"
+    trainer = quiet_trainer(plugins=[MixedPrecision("16-mixed", "cpu")])
+    assert trainer.precision == "16-mixed" and isinstance(trainer.precision_plugin.scaler, torch.amp.GradScaler)
+    with trainer.precision_plugin.train_step_context():  # torch runs fp16 autocast on CPU
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float16
+
+
+def test_fact_22_training_step_and_backward_are_looked_up_on_the_module_in_the_closures_order():
+    import functools
+
+    from lightning.pytorch.plugins import MixedPrecision
+
+    events: list = []
+
+    class Hooks(Callback):
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
+            events.append("zero_grad")
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            events.append("on_before_backward")
+
+        def on_after_backward(self, trainer, pl_module):
+            events.append("on_after_backward")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            events.append(("on_before_optimizer_step", float(pl_module.layer.weight.grad.abs().sum())))
+
+    module = RecordingModule()
+    step, backward = module.training_step, module.backward
+
+    def training_step(*args, **kwargs):  # a wrapper that keeps the original's signature
+        events.append(("training_step", len(args), sorted(kwargs)))
+        out = step(*args, **kwargs)
+        events.append(("loss", float(out)))
+        return out
+
+    def wrapped_backward(loss, *args, **kwargs):
+        events.append(("backward", float(loss)))
+        backward(loss, *args, **kwargs)
+
+    data = make_dataset(8)
+    reference = torch.nn.Linear(4, 2)
+    reference.load_state_dict(module.layer.state_dict())
+    sum(torch.nn.functional.cross_entropy(reference(data.tensors[0][i:i + 4]), data.tensors[1][i:i + 4]) / 2
+        for i in (0, 4)).backward()
+    module.training_step = functools.wraps(step)(training_step)
+    module.backward = wrapped_backward
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    trainer = quiet_trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[Hooks()],
+                            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=4))
+    names = [e if isinstance(e, str) else e[0] for e in events]
+    assert names == ["training_step", "loss", "zero_grad", "on_before_backward", "backward", "on_after_backward",
+                     "training_step", "loss", "on_before_backward", "backward", "on_after_backward",
+                     "on_before_optimizer_step"]
+    assert events[0][1:] == (2, [])  # called with (batch, batch_idx): the wrapper kept `batch_idx`
+    losses, backwards = [e[1] for e in events if e[0] == "loss"], [e[1] for e in events if e[0] == "backward"]
+    assert backwards == pytest.approx([loss / 2 * 8.0 for loss in losses], rel=1e-3)  # / accumulation, x scale
+    seen = [e[1] for e in events if isinstance(e, tuple) and e[0] == "on_before_optimizer_step"][0]
+    assert seen == pytest.approx(float(reference.weight.grad.abs().sum()), rel=2e-2)  # unscaled by then

@@ -10,13 +10,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_engine_matrix import CONFIGS, LOADER_BATCH, ImageStream, MatrixModule, N, images
 from torch.utils.data import DataLoader
 
 from epochwise.callbacks import LRWarmup, OneCycleBatchLR, OneCycleBatchLRSchedule
 from epochwise.datamodules.text import GeneratedTextDataModule
 
 from conftest import MemoryLogger, RecordingModule, make_dataset, quiet_trainer
+from test_engine_matrix import CONFIGS, LOADER_BATCH, ImageStream, MatrixModule, N, images
 
 LR = 0.1
 

@@ -151,7 +151,15 @@ def check_snapshots(cb, m, t, acc):
     assert [Path(p).name for p in cb.snapshot_paths] == ["snapshot_0.pt", "snapshot_1.pt", "snapshot_2.pt"]
 
 
+def check_micro_batch(cb, m, t, acc):
+    # nothing ran out of memory: every batch ran whole, once, at the constant LR; the module is given back
+    assert m.sizes() == {e: epoch_sizes(BATCH) for e in range(EPOCHS)} and m.lrs() == pytest.approx([LR] * len(m.steps))
+    assert cb.size is None and cb.ooms == 0 and cb.state_dict()["size"] is None
+    assert "training_step" not in m.__dict__ and "backward" not in m.__dict__
+
+
 REGISTRY: dict[str, Entry] = {
+    "AutoMicroBatch": Entry(lambda: cbs.AutoMicroBatch(), check_micro_batch),
     "BatchSizeWarmup": Entry(lambda: cbs.BatchSizeWarmup(4, 16, interval=1), check_warmup),
     "BatchSizeWarmup-step-maxdev": Entry(
         lambda: cbs.BatchSizeWarmup(4, 16, interval=2, unit="step", max_per_device=8), check_step_warmup),
