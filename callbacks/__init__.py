@@ -27,8 +27,15 @@ from .ensembles import (
     snapshot_lr_factor,
 )
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
+from .gradient_noise import GradientNoiseScale
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .lr_path import LRFactorCallback, LRPath, ScaledScheduler
+from .noise_scale import (
+    GradientNoiseEstimator,
+    loglog_slope,
+    minibatch_gradient_standard_error,
+    noise_scale_estimates,
+)
 from .plans import EpochPlan, plan_epoch, simulate_fit
 from .resizing import (
     ContinuousResizeSchedule,
@@ -57,6 +64,11 @@ __all__ = [
     "BatchSizeController",
     "BatchSizeWarmup",
     "BatchSizeSchedule",
+    "GradientNoiseScale",
+    "GradientNoiseEstimator",
+    "noise_scale_estimates",
+    "minibatch_gradient_standard_error",
+    "loglog_slope",
     "LRScaling",
     "LRWarmup",
     "SampleBasedLRSchedule",
