@@ -1,6 +1,7 @@
 """epochwise.callbacks: schedules and the callbacks that apply them to any LightningModule."""
 
 from ._checks import ConfigurationError
+from .adaptive import AdaptiveBatchSize, next_batch_size
 from .batch_memory import (
     OPTIMIZER_STATE_COPIES,
     MemoryEstimate,
@@ -64,6 +65,8 @@ __all__ = [
     "BatchSizeController",
     "BatchSizeWarmup",
     "BatchSizeSchedule",
+    "AdaptiveBatchSize",
+    "next_batch_size",
     "GradientNoiseScale",
     "GradientNoiseEstimator",
     "noise_scale_estimates",

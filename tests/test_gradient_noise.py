@@ -223,20 +223,27 @@ def test_monitorable_by_model_checkpoint_without_a_logger(tmp_path):
 
 
 def test_resumed_fit_continues_the_estimate_exactly(tmp_path):
-    results = []
-    for crash_at, ckpt in ((None, None), (7, None), (None, str(tmp_path / "last.ckpt"))):
+    """Interrupted mid-epoch and resumed (the engine, here a constant BatchSizeSchedule, positions the
+    data where the epoch stopped; Lightning alone restarts a plain loader's epoch)."""
+    from epochwise.callbacks import BatchSizeSchedule
+
+    results, steps = [], []
+    for run, (crash_at, ckpt) in enumerate(((None, None), (7, None), (None, str(tmp_path / "1" / "last.ckpt")))):
         torch.manual_seed(0)
         module = ClassifierRecording(crash_at=crash_at, lr=0.2)
         gns = GradientNoiseScale(every_n_steps=1, ema_decay=0.8, micro_batches=2)
-        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
-        trainer = quiet_trainer(callbacks=[gns, checkpoint], max_epochs=2, enable_checkpointing=True)
-        loader = DataLoader(make_dataset(64), batch_size=8, shuffle=False)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / str(run), save_last=True, every_n_train_steps=1, save_top_k=0)
+        trainer = quiet_trainer(callbacks=[gns, BatchSizeSchedule({0: 8}), checkpoint], max_epochs=2,
+                                enable_checkpointing=True)
+        loader = DataLoader(make_dataset(64), batch_size=8, shuffle=True)
         try:
             trainer.fit(module, loader, ckpt_path=ckpt)
         except Crash:
             continue
         results.append(gns.estimator.values())
+        steps.append(sorted({r[1] for r in module.records}))
     uninterrupted, resumed = results
+    assert steps[1] == list(range(7, 16))  # the resumed fit trained steps 7..15 (measuring them)
     assert resumed == uninterrupted and uninterrupted["measurements"] == 16
 
 
