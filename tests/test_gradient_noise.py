@@ -265,3 +265,49 @@ def test_refusals():
         with pytest.raises(MisconfigurationException, match=pattern):
             quiet_trainer(callbacks=[gns], max_epochs=1).fit(module, loader)
         assert module.records == []
+
+
+def test_comm_hook_adds_every_bucket_and_refuses_a_second_hook(tmp_path):
+    """One gloo process (world size 1, so the average is the local gradient): with buckets of about
+    1 KB the model's gradient spans several buckets; the hook's total is the whole squared norm."""
+    import types
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from epochwise.callbacks.gradient_noise import _DDPNorms, _gns_allreduce_hook
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+        model = DistributedDataParallel(net, bucket_cap_mb=0.001)
+        state = _DDPNorms(model.process_group)
+        buckets = []
+
+        def counted(state, bucket):
+            buckets.append(bucket.index())
+            return _gns_allreduce_hook(state, bucket)
+
+        model.register_comm_hook(state, counted)
+        x = torch.randn(8, 16)
+        for measuring in (False, True, True):  # DDP rebuilds its buckets after the first backward
+            buckets.clear()
+            state.start(measuring)
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+            grads = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+            expected = torch.autograd.grad(net(x).pow(2).mean(), list(net.parameters()))
+            torch.testing.assert_close(grads, torch.cat([g.reshape(-1) for g in expected]))  # DDP's result intact
+            total = state.take()
+            if measuring:
+                assert buckets == [0, 1]  # two buckets
+                assert float(total) == pytest.approx(float(grads.pow(2).sum()), rel=1e-6)
+            else:
+                assert total is None
+        gns = GradientNoiseScale(source="ddp")
+        gns._params = list(net.parameters())
+        with pytest.raises(ConfigurationError, match="communication hook"):
+            gns._install_ddp(types.SimpleNamespace(strategy=types.SimpleNamespace(model=model)))
+    finally:
+        dist.destroy_process_group()
