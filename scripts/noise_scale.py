@@ -155,12 +155,14 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.95, help="GradientNoiseScale ema_decay")
     parser.add_argument("--repeats", type=int, default=24, help="mini-batches per size for the standard error")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="6 epochs at 16 px, 12 repeats, noise scale every 2nd step")
     parser.add_argument("--out", default="runs/noise_scale")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.repeats, args.image_size, args.every = min(args.epochs, 6), min(args.repeats, 12), 16, 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), load_average()
