@@ -214,12 +214,15 @@ def test_no_host_read_in_a_step_outside_the_logging_cadence(monkeypatch):
         assert len(reads) == len(logged) > 0  # one read per logging step
 
 
-def test_monitorable_by_model_checkpoint_without_a_logger(tmp_path):
-    gns = GradientNoiseScale(every_n_steps=1)
+def test_monitorable_by_model_checkpoint_without_a_logger_and_shown_in_the_progress_bar(tmp_path):
+    gns = GradientNoiseScale(every_n_steps=1, prog_bar=True)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="gns/b_simple", mode="max", save_top_k=1)
-    trainer = quiet_trainer(callbacks=[gns, checkpoint], max_epochs=2, enable_checkpointing=True)
-    trainer.fit(LinearRegression(lr=0.01), DataLoader(regression_data(n=256), batch_size=16))
+    trainer = quiet_trainer(callbacks=[gns, checkpoint], max_epochs=2, enable_checkpointing=True,
+                            log_every_n_steps=4)
+    trainer.fit(LinearRegression(lr=0.01), DataLoader(regression_data(n=256), batch_size=16))  # 32 steps
     assert checkpoint.best_model_score is not None and checkpoint.best_model_path
+    # the bar shows the value read at the last logging step (31), which is the last measurement
+    assert trainer.progress_bar_metrics["gns/b_simple"] == pytest.approx(gns.value())
 
 
 def test_resumed_fit_continues_the_estimate_exactly(tmp_path):
