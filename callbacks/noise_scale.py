@@ -28,7 +28,7 @@ training loop can update the estimate every step and read it only when it logs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -228,15 +228,18 @@ def minibatch_gradient_standard_error(
     gradient: Callable[[Tensor], Tensor],
     num_samples: int,
     batch_sizes: Sequence[int],
-    repeats: int,
+    repeats: int | Mapping[int, int],
     generator: torch.Generator | None = None,
 ) -> dict[int, float]:
     """Measured standard error ``sqrt(E |G_B - G|^2)`` of the mini-batch gradient at each size ``B``.
 
     ``gradient(indices)`` returns the flat mean gradient over the samples ``indices`` (for fixed
     parameters); ``G`` is ``gradient`` over all ``num_samples``. Each of the ``repeats`` mini-batches
-    per size draws ``B`` indices independently and uniformly (with replacement: the i.i.d. sampling
-    under which the standard error is ``sqrt(tr(Sigma) / B)``, so it falls as ``B ** -0.5``).
+    per size (an int, or ``{size: repeats}``) draws ``B`` indices independently and uniformly (with
+    replacement: the i.i.d. sampling under which the standard error is ``sqrt(tr(Sigma) / B)``, so
+    it falls as ``B ** -0.5``). With heavy-tailed per-sample gradients (a few samples with a large
+    gradient, late in training) small batches need many more draws than large ones for the mean of
+    ``|G_B - G|^2`` to settle: give them more repeats.
 
     Example:
         >>> data = torch.randn(1000, 50, generator=torch.Generator().manual_seed(0))
@@ -245,16 +248,18 @@ def minibatch_gradient_standard_error(
         >>> round(se[10] / se[1000])  # sqrt(1000 / 10) = 10
         10
     """
-    if num_samples < 1 or repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
+    counts = {int(b): int(repeats[b] if isinstance(repeats, Mapping) else repeats) for b in batch_sizes}
+    if num_samples < 1 or not batch_sizes or min(batch_sizes) < 1 or min(counts.values()) < 1:
         raise ValueError("need num_samples >= 1, repeats >= 1 and batch sizes >= 1")
     full = gradient(torch.arange(num_samples)).detach().double()
     out: dict[int, float] = {}
     for size in batch_sizes:
         total = 0.0
-        for _ in range(repeats):
+        count = counts[int(size)]
+        for _ in range(count):
             indices = torch.randint(num_samples, (int(size),), generator=generator)
             total += float((gradient(indices).detach().double() - full).pow(2).sum())
-        out[int(size)] = math.sqrt(total / repeats)
+        out[int(size)] = math.sqrt(total / count)
     return out
 
 

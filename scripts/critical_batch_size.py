@@ -7,9 +7,12 @@
    number of samples (``--branch-epochs`` epochs' worth), the LR scaled from the base batch by
    ``--rule`` (``LRScaling``: ``sqrt`` suits Adam), the optimizer state continued, ``--seeds`` data
    orders each. The loss after a branch is the mean cross-entropy over the whole training split.
-   The **CBS** at a point is the largest batch size whose loss after the branch is within
-   ``--tolerance`` (relative) of the smallest batch size's: up to the CBS a larger batch buys the
-   same progress per sample in fewer steps.
+   The **CBS** at a point is the largest batch size whose loss after the branch (median over the
+   seeds) is within ``--tolerance`` (relative) of the smallest batch size's: up to the CBS a larger
+   batch buys the same progress per sample in fewer steps. With one LR rule for every size the
+   smallest batch is not always the most sample-efficient (its LR is not tuned, and one seed can
+   diverge), so the table also gives the CBS against the *best* size's loss, which the figure and
+   the recipe use.
 3. **A batch-size warmup derived from it**: ``BatchSizeSchedule`` milestones at the checkpoint epochs,
    each the largest power of two not above the CBS measured there (never decreasing), with
    ``LRScaling(--rule)``; written as a ``scripts/train.py`` recipe (``warmup_recipe.yaml``).
@@ -120,11 +123,22 @@ def branch(args: argparse.Namespace, ckpt: dict[str, Any], size: int, seed: int)
             "curve": [(r["samples"], r["train_loss"]) for r in recorder.rows]}
 
 
-def critical_batch_size(losses: dict[int, float], tolerance: float) -> int:
-    """The largest size whose loss is within ``tolerance`` (relative) of the smallest size's."""
+def critical_batch_size(losses: dict[int, float], tolerance: float, reference: str = "smallest") -> int:
+    """The largest size whose loss is within ``tolerance`` (relative) of the reference loss.
+
+    ``reference="smallest"``: the smallest size's loss (the definition, assuming the smallest batch
+    makes the most progress per sample). ``"best"``: the lowest loss of any size, which is the same
+    when that assumption holds and stays meaningful when the smallest batch is worse (an LR rule
+    that under-tunes it, or a noisy seed).
+
+    Example:
+        >>> losses = {8: 0.080, 16: 0.050, 32: 0.054, 64: 0.070}
+        >>> critical_batch_size(losses, 0.1), critical_batch_size(losses, 0.1, reference="best")
+        (64, 32)
+    """
     sizes = sorted(losses)
-    reference = losses[sizes[0]]
-    return max(b for b in sizes if losses[b] <= reference * (1 + tolerance))
+    level = losses[sizes[0]] if reference == "smallest" else min(losses.values())
+    return max(b for b in sizes if losses[b] <= level * (1 + tolerance))
 
 
 def measure(args: argparse.Namespace, points: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -145,10 +159,11 @@ def measure(args: argparse.Namespace, points: list[dict]) -> tuple[list[dict], l
                 losses.setdefault(size, []).append(result["loss"])
                 print(f"  point epoch {point['epoch']}: B={size:<4} seed {seed}: loss {result['loss']:.4f} "
                       f"({result['steps']} steps)", flush=True)
-        mean = {b: statistics.fmean(v) for b, v in losses.items()}
-        cbs = critical_batch_size(mean, args.tolerance)
+        median = {b: statistics.median(v) for b, v in losses.items()}  # robust to one diverging seed
         table.append({"epoch": point["epoch"], "step": point["step"], "loss_at_point": point_loss,
-                      "b_simple": point["b_simple"], "cbs": cbs, **{f"loss_B{b}": mean[b] for b in sorted(mean)}})
+                      "b_simple": point["b_simple"], "cbs": critical_batch_size(median, args.tolerance, "best"),
+                      "cbs_vs_smallest": critical_batch_size(median, args.tolerance, "smallest"),
+                      **{f"loss_B{b}": median[b] for b in sorted(median)}})
     return table, branches
 
 
@@ -344,14 +359,16 @@ def main() -> None:
     lines = [f"# Critical batch size on digits ({args.image_size} px, SimpleCNN, Adam {args.lr}, base batch "
              f"{args.base_batch}, LR rule {args.rule!r}, branches of {args.branch_epochs:g} epochs, "
              f"{args.seeds} seed(s), tolerance {args.tolerance:g})", "",
-             "| branch point | step | train loss there | B_simple there | CBS | " +
+             "| branch point | step | train loss there | B_simple there | CBS (vs best) | CBS (vs smallest) | " +
              " | ".join(f"loss after B={b}" for b in args.sizes) + " |",
-             "|---|---|---|---|---|" + "---|" * len(args.sizes)]
+             "|---|---|---|---|---|---|" + "---|" * len(args.sizes)]
     for row in table:
         b_simple = "—" if row["b_simple"] is None else f"{row['b_simple']:.0f}"
-        cbs = f"≤ {row['cbs']}" if row["cbs"] == min(args.sizes) else str(row["cbs"])  # censored at the smallest size
+        cbs, smallest = (f"≤ {row[k]}" if row[k] == min(args.sizes) else str(row[k]) for k in ("cbs", "cbs_vs_smallest"))
         lines.append(f"| end of epoch {row['epoch']} | {row['step']} | {row['loss_at_point']:.4f} | {b_simple} | "
-                     f"{cbs} | " + " | ".join(f"{row[f'loss_B{b}']:.4f}" for b in args.sizes) + " |")
+                     f"{cbs} | {smallest} | " + " | ".join(f"{row[f'loss_B{b}']:.4f}" for b in args.sizes) + " |")
+    lines += ["", "Losses: mean cross-entropy over the whole training split after the branch, median over seeds. "
+              "'≤ B': the smallest size tried is already the CBS."]
     lines += ["", f"Derived warmup: BatchSizeSchedule({milestones}) (see warmup_recipe.yaml)", ""]
     if not args.skip_compare:
         print("warmup vs fixed batch", flush=True)
