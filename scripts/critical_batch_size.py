@@ -21,7 +21,7 @@
    seeds: optimizer steps and wall time to the target, median over seeds; every timing is written
    with the machine's 1-minute load average.
 
-Writes ``cbs.csv``, ``branches.csv``, ``cbs.md``, ``cbs.png`` (loss vs samples of every branch; CBS and
+Writes ``cbs.csv``, ``branches.csv`` (``branches.json`` with the loss curves), ``cbs.md``, ``cbs.png`` (loss vs samples of every branch; CBS and
 B_simple over training), ``warmup_recipe.yaml``, ``compare.csv`` and ``compare.md`` into ``--out``.
 
 Usage::
@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -54,7 +55,6 @@ from noise_parts import (  # noqa: E402
     NoiseRecorder,
     classifier,
     digits,
-    ema,
     full_loss,
     load_average,
     quiet_trainer,
@@ -269,6 +269,21 @@ def compare(args: argparse.Namespace, milestones: dict[int, int]) -> tuple[list[
 
 
 # -- the figure ---------------------------------------------------------------------------------------
+def smoothed_curve(runs: list[dict], window: int = 384, every: int = 64) -> tuple[list[int], list[float]]:
+    """Mean batch loss over the trailing ``window`` samples, on a grid of samples, averaged over seeds."""
+    total = min(b["curve"][-1][0] for b in runs)
+    grid = list(range(window, total + 1, every))
+    out = []
+    for x in grid:
+        per_run = []
+        for b in runs:
+            inside = [v for s, v in b["curve"] if x - window < s <= x]
+            if inside:
+                per_run.append(statistics.fmean(inside))
+        out.append(statistics.fmean(per_run))
+    return grid, out
+
+
 def plot(table: list[dict], branches: list[dict], run_rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     points = [row["epoch"] for row in table]
     fig, axes = plt.subplots(1, len(points) + 1, figsize=(4.2 * (len(points) + 1), 3.8))
@@ -276,21 +291,27 @@ def plot(table: list[dict], branches: list[dict], run_rows: list[dict], args: ar
     for ax, row in zip(axes, table):
         for size, color in zip(args.sizes, colors):
             runs = [b for b in branches if b["point_epoch"] == row["epoch"] and b["size"] == size]
-            for k, b in enumerate(runs):
-                xs = [s for s, _ in b["curve"]]
-                ax.plot(xs, ema([v for _, v in b["curve"]], 0.8), color=color, lw=1.2, alpha=0.9 if k == 0 else 0.4,
-                        label=f"B={size}" if k == 0 else None)
+            xs, ys = smoothed_curve(runs)
+            ax.plot(xs, ys, color=color, lw=1.4, label=f"B={size}")
+            ax.plot([xs[-1]], [row[f"loss_B{size}"]], "o", color=color, ms=4)
         ax.set_yscale("log")
         ax.set_xlabel("samples in the branch")
-        ax.set_ylabel("training loss (EMA)")
-        ax.set_title(f"from epoch {row['epoch']}: CBS {row['cbs']}, B_simple {row['b_simple']:.0f}", fontsize=9)
+        ax.set_ylabel("training loss (mean over 384 samples)")
+        cbs = f"≤{row['cbs']}" if row["cbs"] == min(args.sizes) else str(row["cbs"])
+        b_simple = "—" if row["b_simple"] is None else f"{row['b_simple']:.0f}"
+        ax.set_title(f"from epoch {row['epoch']}: CBS {cbs}, B_simple {b_simple}\n"
+                     "(dots: loss on the whole train split after the branch)", fontsize=8)
         ax.legend(fontsize=7)
     ax = axes[-1]
     samples_per_epoch = max(r["samples"] for r in run_rows) / (max(args.points) + 1)
     ax.plot([r["samples"] for r in run_rows], [max(r["b_simple"], 1e-1) for r in run_rows], color="tab:blue",
             lw=1.5, label="B_simple (smoothed, GradientNoiseScale)")
-    ax.plot([(row["epoch"] + 1) * samples_per_epoch for row in table], [row["cbs"] for row in table], "s-",
-            color="tab:red", label=f"CBS (branching, tolerance {args.tolerance:g})")
+    xs = [(row["epoch"] + 1) * samples_per_epoch for row in table]
+    ax.plot(xs, [row["cbs"] for row in table], "s-", color="tab:red",
+            label=f"CBS (branching, tolerance {args.tolerance:g} of the best)")
+    for x, row in zip(xs, table):
+        if row["cbs"] == min(args.sizes):
+            ax.annotate("≤", (x, row["cbs"]), textcoords="offset points", xytext=(-12, -4), color="tab:red")
     ax.set_yscale("log", base=2)
     ax.set_xlabel("samples seen in the run")
     ax.set_ylabel("batch size")
@@ -351,6 +372,7 @@ def main() -> None:
     table, branches = measure(args, points)
     write_csv(out / "cbs.csv", table)
     write_csv(out / "branches.csv", [{k: v for k, v in b.items() if k != "curve"} for b in branches])
+    (out / "branches.json").write_text(json.dumps(branches))  # with every branch's loss curve
     if run_rows:
         plot(table, branches, run_rows, args, out / "cbs.png")
     milestones = derived_milestones(table, cap=max(args.sizes))

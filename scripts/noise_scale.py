@@ -157,7 +157,7 @@ def plot_standard_error(curves: dict[str, tuple[dict[int, float], float]], out: 
     ax.set_xlabel("batch size B")
     ax.set_ylabel("standard error of the mini-batch gradient")
     ax.set_title("Digits, SimpleCNN: |G_B - G| falls as B^-1/2")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
