@@ -278,19 +278,19 @@ def test_comm_hook_adds_every_bucket_and_refuses_a_second_hook(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from epochwise.callbacks.gradient_noise import _DDPNorms, _gns_allreduce_hook
+    from epochwise.callbacks._gns_sources import DDPNorms, gns_allreduce_hook
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
         model = DistributedDataParallel(net, bucket_cap_mb=0.001)
-        state = _DDPNorms(model.process_group)
+        state = DDPNorms(model.process_group)
         buckets = []
 
         def counted(state, bucket):
             buckets.append(bucket.index())
-            return _gns_allreduce_hook(state, bucket)
+            return gns_allreduce_hook(state, bucket)
 
         model.register_comm_hook(state, counted)
         x = torch.randn(8, 16)
