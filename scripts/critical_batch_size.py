@@ -268,20 +268,42 @@ def compare(args: argparse.Namespace, milestones: dict[int, int]) -> tuple[list[
     return rows, lines
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV this script wrote, numbers as numbers (empty: ``None``)."""
+    import csv
+
+    def value(text: str) -> Any:
+        if text == "":
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return int(number) if number.is_integer() and "." not in text else number
+
+    with open(path) as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 # -- the figure ---------------------------------------------------------------------------------------
 def smoothed_curve(runs: list[dict], window: int = 384, every: int = 64) -> tuple[list[int], list[float]]:
     """Mean batch loss over the trailing ``window`` samples, on a grid of samples, averaged over seeds."""
     total = min(b["curve"][-1][0] for b in runs)
     grid = list(range(window, total + 1, every))
     out = []
+    xs = []
     for x in grid:
         per_run = []
         for b in runs:
             inside = [v for s, v in b["curve"] if x - window < s <= x]
+            if not inside:  # a batch larger than the window: its latest loss
+                inside = [v for s, v in b["curve"] if s <= x][-1:]
             if inside:
                 per_run.append(statistics.fmean(inside))
-        out.append(statistics.fmean(per_run))
-    return grid, out
+        if len(per_run) == len(runs):
+            xs.append(x)
+            out.append(statistics.fmean(per_run))
+    return xs, out
 
 
 def plot(table: list[dict], branches: list[dict], run_rows: list[dict], args: argparse.Namespace, out: Path) -> None:
@@ -343,12 +365,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="3 points in 5 epochs, 4 sizes, 1 seed, 1-epoch branches")
     parser.add_argument("--out", default="runs/critical_batch_size")
+    parser.add_argument("--replot", action="store_true", help="only redraw cbs.png from the files in --out")
     args = parser.parse_args()
     if args.quick:
         args.points, args.sizes, args.seeds = [0, 2, 4], [16, 64, 256, 512], 1
         args.branch_epochs, args.compare_seeds, args.compare_epochs = 1.0, 1, 12
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.replot:
+        out = Path(args.out)
+        table, run_rows = read_csv(out / "cbs.csv"), read_csv(out / "run.csv")
+        args.sizes = sorted({int(b["size"]) for b in json.loads((out / "branches.json").read_text())})
+        plot(table, json.loads((out / "branches.json").read_text()), run_rows, args, out / "cbs.png")
+        return
     out = Path(args.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), load_average()
