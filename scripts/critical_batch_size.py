@@ -340,7 +340,7 @@ def plot(table: list[dict], branches: list[dict], run_rows: list[dict], args: ar
     ax.set_title("critical batch size and noise scale over training", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
 
 

@@ -118,9 +118,8 @@ def plot_run(rows: list[dict], out: Path) -> None:
     steps = [r["step"] for r in rows]
     loss = ema([r["train_loss"] for r in rows], 0.9)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.plot(steps, [r["b_simple_raw"] for r in rows], color="tab:blue", alpha=0.25, lw=0.8, label="B_simple (one step)")
-    a.plot(steps, [r["b_simple"] for r in rows], color="tab:blue", lw=2, label="B_simple (smoothed)")
-    a.set_yscale("symlog", linthresh=10)
+    a.plot(steps, [r["b_simple"] for r in rows], color="tab:blue", lw=2, label="B_simple (smoothed; one step's: CSV)")
+    a.set_yscale("log")
     a.set_xlabel("optimizer step")
     a.set_ylabel("B_simple (samples)")
     twin = a.twinx()
@@ -139,7 +138,7 @@ def plot_run(rows: list[dict], out: Path) -> None:
     b.set_ylabel("B_simple (smoothed)")
     b.set_title("B_simple against the training loss (colour: step)")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
 
 
@@ -159,7 +158,7 @@ def plot_standard_error(curves: dict[str, tuple[dict[int, float], float]], out: 
     ax.set_title("Digits, SimpleCNN: |G_B - G| falls as B^-1/2")
     ax.legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return rows
 
@@ -179,7 +178,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="6 epochs at 16 px, 12 repeats, noise scale every 2nd step")
     parser.add_argument("--out", default="runs/noise_scale")
+    parser.add_argument("--replot", action="store_true", help="only redraw noise_scale.png from noise_scale.csv")
     args = parser.parse_args()
+    if args.replot:
+        import csv
+
+        with open(Path(args.out) / "noise_scale.csv") as f:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        plot_run(rows, Path(args.out) / "noise_scale.png")
+        return
     if args.quick:
         args.epochs, args.repeats, args.image_size, args.every = min(args.epochs, 6), min(args.repeats, 6), 16, 2
         args.se_epoch = min(args.se_epoch, args.epochs - 1)
