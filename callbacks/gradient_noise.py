@@ -139,6 +139,8 @@ class GradientNoiseScale(Callback):
         self._logged_step = -1
         self._handles: list[Any] = []
         self._module: pl.LightningModule | None = None
+        self._step_wrapper: Any = None
+        self._previous_step: Any = None
 
     def _every(self, source: str) -> int:
         return self.every_n_steps if self.every_n_steps is not None else (4 if source == "split" else 1)
@@ -192,7 +194,9 @@ class GradientNoiseScale(Callback):
             self._handles = [p.register_hook(self._micro_hook) for p in self._params]
         if self.source in ("auto", "split"):
             self._module = pl_module
-            pl_module.training_step = functools.partial(split_training_step, self, pl_module.training_step)
+            self._previous_step = pl_module.__dict__.get("training_step")  # someone else's wrapper, if any
+            self._step_wrapper = functools.partial(split_training_step, self, pl_module.training_step)
+            pl_module.training_step = self._step_wrapper
 
     def _install_ddp(self, trainer: pl.Trainer) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -222,10 +226,12 @@ class GradientNoiseScale(Callback):
             handle.remove()
         self._handles = []
         module = getattr(self, "_module", None)
-        if module is not None and isinstance(module.__dict__.get("training_step"), functools.partial):
-            if module.__dict__["training_step"].func is split_training_step:
+        if module is not None and module.__dict__.get("training_step") is self._step_wrapper:
+            if self._previous_step is None:
                 del module.__dict__["training_step"]
-        self._module = None
+            else:
+                module.training_step = self._previous_step
+        self._module = self._step_wrapper = self._previous_step = None
         if self._ddp is not None:
             self._ddp.release()  # the wrapper may outlive the fit: its hook becomes a plain all-reduce
 

@@ -150,6 +150,11 @@ def test_split_leaves_the_training_unchanged_and_is_given_back():
     assert halves == pytest.approx([r[5] for r in plain.records], rel=1e-5)
     assert "training_step" not in measured.__dict__  # the wrapper is gone
     assert all(not p._backward_hooks for p in measured.parameters())
+    # someone else's wrapper of training_step, put there before the fit, is given back
+    theirs = measured.training_step
+    measured.training_step = theirs
+    quiet_trainer(callbacks=[GradientNoiseScale(every_n_steps=1)], max_epochs=1).fit(measured, loader)
+    assert measured.__dict__["training_step"] is theirs
 
 
 def test_logged_at_lightnings_cadence_and_step_and_into_callback_metrics():
