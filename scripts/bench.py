@@ -127,12 +127,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (the first is warm-up)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller data set")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per CPU core)")
     parser.add_argument("--gns", action="store_true", help="GradientNoiseScale's cost per source only")
     parser.add_argument("--no-ddp", action="store_true", help="with --gns: skip the 2-process DDP arms")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.epochs = min(args.repeats, 3), 2
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     if args.gns:
         gns_main(args, started)
@@ -183,7 +184,8 @@ def gns_main(args: argparse.Namespace, started: float) -> None:
     results: dict[str, float | str | int] = dict(run_gns(args))
     results.update({
         "device": args.device, "model": args.model, "batch": args.batch, "precision": args.precision,
-        "repeats": args.repeats, "cpus": os.cpu_count() or 0, "loadavg_1min_at_end": os.getloadavg()[0],
+        "repeats": args.repeats, "cpus": os.cpu_count() or 0, "threads": torch.get_num_threads(),
+        "loadavg_1min_at_end": os.getloadavg()[0],
         "torch": torch.__version__, "lightning": pl.__version__, "seconds": time.perf_counter() - started,
     })
     out = Path(args.out)
