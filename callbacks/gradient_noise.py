@@ -25,7 +25,9 @@ Where the two batch sizes come from (``source="auto"`` picks, at every step, the
 
 The "big" squared norm is always the gradient the optimizer is about to use, read in
 ``on_before_optimizer_step``: accumulated, all-reduced, unscaled by the AMP grad scaler and not yet
-clipped (fact 20). Small norms taken from scaled gradients are divided by the scale squared.
+clipped (fact 20). Small norms taken from scaled gradients are divided by the scale squared. Not
+supported: fp16 AMP with an optimizer that unscales inside its own ``step()`` (a fused Adam):
+Lightning then leaves the gradient scaled in ``on_before_optimizer_step``.
 
 Free in step time: the running sums stay on the device (tensor operations only); the values are
 read back (one transfer) only at Lightning's logging cadence, and by :meth:`GradientNoiseScale.value`
