@@ -1,6 +1,7 @@
 """epochwise.callbacks: schedules and the callbacks that apply them to any LightningModule."""
 
 from ._checks import ConfigurationError
+from .adaptive import AdaptiveBatchSize, next_batch_size
 from .batch_memory import (
     OPTIMIZER_STATE_COPIES,
     BatchSizeSearch,
@@ -34,11 +35,18 @@ from .ensembles import (
     snapshot_lr_factor,
 )
 from .epoch_math import EpochSuggestion, iterations_per_epoch, suggest_max_epochs, total_updates
+from .gradient_noise import GradientNoiseScale
 from .lr import LRScaling, LRWarmup, SampleBasedLRSchedule
 from .lr_path import LRFactorCallback, LRMonitor, LRPath, ScaledScheduler
 from .metric_tracking import MetricCriterion, MetricTracker, decide_stop
 from .micro_batch import AutoMicroBatch
 from .multi_metric_stopping import MultiMetricEarlyStopping
+from .noise_scale import (
+    GradientNoiseEstimator,
+    loglog_slope,
+    minibatch_gradient_standard_error,
+    noise_scale_estimates,
+)
 from .one_cycle import OneCycleBatchLR
 from .one_cycle_schedules import OneCycleBatchLRSchedule
 from .plans import EpochPlan, plan_epoch, simulate_fit
@@ -61,6 +69,13 @@ __all__ = [
     "BatchSizeController",
     "BatchSizeWarmup",
     "BatchSizeSchedule",
+    "AdaptiveBatchSize",
+    "next_batch_size",
+    "GradientNoiseScale",
+    "GradientNoiseEstimator",
+    "noise_scale_estimates",
+    "minibatch_gradient_standard_error",
+    "loglog_slope",
     "LRScaling",
     "AutoMicroBatch",
     "LRWarmup",

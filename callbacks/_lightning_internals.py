@@ -29,6 +29,7 @@ __all__ = [
     "is_logging_step",
     "validates_by_time",
     "detach_callback",
+    "amp_grad_scale",
 ]
 
 
@@ -204,3 +205,16 @@ def detach_callback(callback: Any) -> None:
         bound = callback.__dict__.get(name)
         if bound is not None and getattr(bound, "__self__", None) is not None:
             del callback.__dict__[name]
+
+
+def amp_grad_scale(trainer: pl.Trainer) -> Any:
+    """The loss scale of this step's backward under fp16 AMP, as a device tensor; ``None`` without a scaler.
+
+    Lightning's ``MixedPrecision`` plugin keeps a ``torch.amp.GradScaler`` (``None`` for bf16). The
+    scale the backward used is the scaler's ``_scale`` tensor until ``scaler.update()`` after the
+    optimizer step; it is read as a tensor (``get_scale()`` would copy it to the host: a sync).
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_scale", None)

@@ -92,6 +92,13 @@ class BatchSizeController(Callback):
         64
     """
 
+    #: ``True`` for a controller whose sizes come from measurements made during the fit (the
+    #: size of epoch ``e`` is known only once epoch ``e - 1`` has trained): the fit is not simulated
+    #: ahead, so ``trainer.estimated_stepping_batches`` is Lightning's own (the first epoch's
+    #: length x ``max_epochs``), a step scheduler with a fixed horizon is refused, and the
+    #: epoch-length checks are made at :meth:`largest_batch_size` (the shortest epoch it may plan).
+    adaptive: bool = False
+
     def __init__(
         self, unit: Unit = "epoch", max_per_device: int | Literal["auto"] | None = None, seed: int | None = None
     ) -> None:
@@ -302,11 +309,11 @@ class BatchSizeController(Callback):
         self._twin = self._original = None
 
     # -- planning -------------------------------------------------------------------------------
-    def _make_plan(self, epoch: int, first_step: int) -> EpochPlan:
+    def _make_plan(self, epoch: int, first_step: int, request: Any = None) -> EpochPlan:
         return plan_epoch(
             epoch,
             first_step,
-            self._request,
+            request or self._request,
             self.epoch_samples(epoch),
             unit=self.unit,
             base_accumulation=self._base_accumulation,
@@ -359,11 +366,22 @@ class BatchSizeController(Callback):
             set_train_epoch_length(trainer, math.inf if length is None else length)
         return True
 
-    def _simulate(self, trainer: pl.Trainer) -> list[FitStep] | None:
+    def _simulate(self, trainer: pl.Trainer, largest: bool = False) -> list[FitStep] | None:
+        """The whole fit, epoch by epoch (``None`` when it cannot be known ahead); ``largest=True``:
+        the fit at the largest size the schedule may ask for (an adaptive controller's shortest epochs)."""
         max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
         if (max_epochs is None or max_epochs < 0) and max_steps < 0:
             return None
         if self._samples is None and max_steps < 0:
+            return None
+        if largest:
+            size = self.largest_batch_size()
+            if size is None:
+                return None
+            return simulate_fit(
+                lambda e, s: self._make_plan(e, s, lambda *_: size), max_epochs, max_steps, trainer.limit_train_batches
+            )
+        if self.adaptive:
             return None
         return simulate_fit(self._make_plan, max_epochs, max_steps, trainer.limit_train_batches)
 
@@ -376,11 +394,18 @@ class BatchSizeController(Callback):
     def _validate_fit(self, trainer: pl.Trainer) -> None:
         """Refuse, before the first step, a configuration some epoch of the plan cannot honour."""
         name = type(self).__name__
-        fit = self._simulate(trainer)
+        fit = self._simulate(trainer, largest=self.adaptive)
+
+        def where(f: FitStep) -> str:
+            if self.adaptive:
+                return f"at its largest batch size, {self.largest_batch_size()}, an epoch has {f.batches} batches"
+            return f"epoch {f.epoch} has {f.batches} batches"
+
         for f in fit or []:
             if f.batches == 0:
+                which = "an epoch at the largest batch size" if self.adaptive else f"epoch {f.epoch}"
                 raise ConfigurationError(
-                    f"{name}: limit_train_batches={trainer.limit_train_batches} leaves epoch {f.epoch} "
+                    f"{name}: limit_train_batches={trainer.limit_train_batches} leaves {which} "
                     f"with 0 batches (its batch size is {f.first_size}); use an int limit or a larger fraction"
                 )
         interval = trainer.val_check_interval
@@ -392,7 +417,7 @@ class BatchSizeController(Callback):
         ):
             short = [f for f in fit or [] if f.batches < interval]
             if short:
-                raise self._val_check_error(interval, f"epoch {short[0].epoch} has {short[0].batches} batches")
+                raise self._val_check_error(interval, where(short[0]))
         total = self._total_steps(trainer)
         for config in trainer.lr_scheduler_configs:
             scheduler = getattr(config.scheduler, "scheduler", config.scheduler)

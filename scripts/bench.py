@@ -21,9 +21,14 @@ from the second epoch on. Also measured:
 
 Writes ``results.json`` (one flat object) and ``results.md`` into ``--out`` and prints the table.
 
+``--gns`` measures instead what ``GradientNoiseScale`` costs per step for each of its sources
+(split, accumulation, DDP), each against the same fit without it (``scripts/bench_gns.py``);
+it writes ``results_gns.json`` and ``results_gns.md``.
+
 Usage::
 
     python scripts/bench.py --quick                      # under 2 minutes on 2 CPU cores
+    python scripts/bench.py --gns --quick                # GradientNoiseScale per source
     python scripts/bench.py --device cuda --model resnet20 --precision bf16-mixed --batch 512
 """
 
@@ -122,11 +127,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (the first is warm-up)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller data set")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per CPU core)")
+    parser.add_argument("--gns", action="store_true", help="GradientNoiseScale's cost per source only")
+    parser.add_argument("--no-ddp", action="store_true", help="with --gns: skip the 2-process DDP arms")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.epochs = min(args.repeats, 3), 2
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     started = time.perf_counter()
+    if args.gns:
+        gns_main(args, started)
+        return
 
     print(f"step times: {args.model} batch {args.batch} {args.precision} on {args.device}")
     step_ms = run_arms(args)
@@ -164,6 +175,26 @@ def main() -> None:
     (out / "results.md").write_text(table)
     print(table)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['seconds']:.0f} s")
+
+
+def gns_main(args: argparse.Namespace, started: float) -> None:
+    from bench_gns import gns_markdown, run_gns
+
+    print(f"GradientNoiseScale step times: {args.model} batch {args.batch} {args.precision} on {args.device}")
+    results: dict[str, float | str | int] = dict(run_gns(args))
+    results.update({
+        "device": args.device, "model": args.model, "batch": args.batch, "precision": args.precision,
+        "repeats": args.repeats, "cpus": os.cpu_count() or 0, "threads": torch.get_num_threads(),
+        "loadavg_1min_at_end": os.getloadavg()[0],
+        "torch": torch.__version__, "lightning": pl.__version__, "seconds": time.perf_counter() - started,
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results_gns.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    table = gns_markdown(results)
+    (out / "results_gns.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'results_gns.json'} and {out / 'results_gns.md'} in {results['seconds']:.0f} s")
 
 
 def markdown(results: dict, arms: list[str]) -> str:

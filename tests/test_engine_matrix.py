@@ -21,8 +21,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from epochwise.callbacks import (
+    AdaptiveBatchSize,
     BatchSizeSchedule,
     BatchSizeWarmup,
+    GradientNoiseScale,
     LRScaling,
     LRWarmup,
     ProgressiveResizing,
@@ -103,6 +105,18 @@ def scaling(rule: str) -> Callable[[dict], float]:
     return factor
 
 
+class FixedNoise(AdaptiveBatchSize):
+    """AdaptiveBatchSize that always measures B_simple = 100: from 6 it doubles every epoch up to 24
+    (also with accumulation 2: a target of 50 per device). Its real measurement: tests/test_adaptive.py."""
+
+    def measured_noise_scale(self, trainer):
+        return 100.0
+
+
+def fixed_noise(*extra):
+    return lambda: [FixedNoise(6, 24, start=6, noise_scale=GradientNoiseScale()), *extra]
+
+
 COLUMNS: dict[str, Column] = {
     "BatchSizeWarmup(epoch)": Column(lambda: [BatchSizeWarmup(6, 24, interval=1)], lambda e, s: min(24, 6 * 2**e)),
     "BatchSizeWarmup(step)": Column(lambda: [BatchSizeWarmup(3, 24, interval=2, unit="step")],
@@ -115,6 +129,9 @@ COLUMNS: dict[str, Column] = {
     "LRScaling": Column(lambda: [LRScaling("linear")], factors=[scaling("linear")]),
     "BatchSizeWarmup+LRScaling": Column(lambda: [BatchSizeWarmup(6, 24, interval=1), LRScaling("sqrt")],
                                         lambda e, s: min(24, 6 * 2**e), factors=[scaling("sqrt")]),
+    "AdaptiveBatchSize": Column(fixed_noise(), lambda e, s: min(24, 6 * 2**e)),
+    "AdaptiveBatchSize+LRScaling": Column(lambda: fixed_noise(LRScaling("sqrt"))(), lambda e, s: min(24, 6 * 2**e),
+                                          factors=[scaling("sqrt")]),
     "LRWarmup(epoch)": Column(lambda: [LRWarmup(1.5, unit="epoch")],
                               factors=[lambda c: min(1.0, (c["epoch"] + c["i"] / c["length"]) / 1.5)]),
     "LRWarmup(step)": Column(lambda: [LRWarmup(5, unit="step")], factors=[lambda c: min(1.0, c["step"] / 5)]),
@@ -138,7 +155,8 @@ CONFIGS: dict[str, Config] = {
     "val_check_interval=4": Config(
         {"val_check_interval": 4},
         refuse={c: r"val_check_interval=4.*check_val_every_n_epoch=None" for c in (
-            "BatchSizeWarmup(epoch)", "BatchSizeWarmup(step)", "BatchSizeWarmup+LRScaling", "ProgressiveResizing")},
+            "BatchSizeWarmup(epoch)", "BatchSizeWarmup(step)", "BatchSizeWarmup+LRScaling", "ProgressiveResizing",
+            "AdaptiveBatchSize", "AdaptiveBatchSize+LRScaling")},
     ),
     "val_check_interval=4, check_val_every_n_epoch=None": Config(
         {"val_check_interval": 4, "check_val_every_n_epoch": None}),
@@ -159,6 +177,8 @@ CONFIGS: dict[str, Config] = {
             "BatchSizeWarmup+LRScaling": r"unit='epoch'.*unit='step'",
             "ProgressiveResizing": r"stream without __len__.*couple_batch_size=False",
             "LRWarmup(epoch)": r"LRWarmup\(unit='epoch'\).*unit='step'",
+            "AdaptiveBatchSize": r"stream without __len__.*BatchSizeWarmup\(unit='step'\)",
+            "AdaptiveBatchSize+LRScaling": r"stream without __len__.*BatchSizeWarmup\(unit='step'\)",
         },
     ),
 }

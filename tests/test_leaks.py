@@ -12,10 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from epochwise.callbacks import (
+    AdaptiveBatchSize,
     AutoMicroBatch,
     BatchSizeSchedule,
     BatchSizeWarmup,
     CurriculumSampling,
+    GradientNoiseScale,
     LRScaling,
     LRWarmup,
     OneCycleBatchLR,
@@ -71,6 +73,10 @@ CASES = {
     "schedule+samples": (lambda: [BatchSizeSchedule({0: 8}), SampleBasedLRSchedule("cosine")],
                          lambda: DataLoader(make_dataset(40), batch_size=4, num_workers=2, persistent_workers=True),
                          RecordingModule),
+    "noise+adaptive": (lambda: [GradientNoiseScale(every_n_steps=1), AdaptiveBatchSize(4, 16), LRScaling()],
+                       lambda: DataLoader(make_dataset(40), batch_size=4, shuffle=True), RecordingModule),
+    "noise(accumulation)": (lambda: [GradientNoiseScale(source="accumulation"), BatchSizeWarmup(4, 8, max_per_device=4)],
+                            lambda: DataLoader(make_dataset(40), batch_size=4), RecordingModule),
     "resizing": (lambda: [ProgressiveResizing(stages=[(0, 4), (1, 8)]), LRScaling("sqrt")], image_loader,
                  ImageModule),
     "one-cycle": (lambda: [OneCycleBatchLR(max_per_device=4)],

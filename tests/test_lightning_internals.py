@@ -292,3 +292,173 @@ def test_fact_22_training_step_and_backward_are_looked_up_on_the_module_in_the_c
     assert backwards == pytest.approx([loss / 2 * 8.0 for loss in losses], rel=1e-3)  # / accumulation, x scale
     seen = [e[1] for e in events if isinstance(e, tuple) and e[0] == "on_before_optimizer_step"][0]
     assert seen == pytest.approx(float(reference.weight.grad.abs().sum()), rel=2e-2)  # unscaled by then
+
+
+# -- facts the gradient noise scale relies on (callbacks/gradient_noise.py) --------------------------
+def test_fact_8_zero_grad_comes_after_training_step_and_before_backward_on_a_steps_first_micro_batch():
+    events = []
+
+    class Order(RecordingModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            loss.backward(retain_graph=True)  # a gradient made inside training_step...
+            events.append(("training_step", batch_idx))
+            return loss
+
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            events.append(("zero_grad", batch_idx))
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+        def on_before_backward(self, loss):
+            # ...is gone by the backward of a step's first micro-batch, and still there on the next
+            events.append(("before_backward", self.layer.weight.grad is None))
+
+    quiet_trainer(max_steps=2, accumulate_grad_batches=2).fit(Order(), DataLoader(make_dataset(20), batch_size=5))
+    assert events == [("training_step", 0), ("zero_grad", 0), ("before_backward", True),
+                      ("training_step", 1), ("before_backward", False),
+                      ("training_step", 2), ("zero_grad", 2), ("before_backward", True),
+                      ("training_step", 3), ("before_backward", False)]
+
+
+def test_fact_23_loss_divided_by_accumulation_and_the_optimizer_step_hook_sees_unscaled_unclipped_grads():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    seen: dict[str, list] = {"micro": [], "step": []}
+
+    class Watch(RecordingModule):
+        def on_train_start(self):
+            self.layer.weight.register_hook(lambda g: seen["micro"].append(g.detach().clone()))
+
+        def on_before_optimizer_step(self, optimizer):
+            seen["step"].append(self.layer.weight.grad.detach().clone())
+
+    data = make_dataset(40)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    module = Watch(lr=0.0)
+    quiet_trainer(max_epochs=1, accumulate_grad_batches=3, plugins=[plugin], gradient_clip_val=1e-6).fit(
+        module, DataLoader(data, batch_size=5))
+    # reference gradients of each batch's mean loss, in float32
+    reference = []
+    for i in range(8):
+        x, y = data.tensors[0][5 * i: 5 * i + 5], data.tensors[1][5 * i: 5 * i + 5]
+        module.layer.zero_grad()
+        torch.nn.functional.cross_entropy(module.layer(x), y).backward()
+        reference.append(module.layer.weight.grad.clone())
+    # each micro-batch's gradient is loss / 3 (x the loss scale), also in the last group of two
+    for got, want in zip(seen["micro"], reference):
+        torch.testing.assert_close(got / 2.0**10, want / 3, rtol=2e-2, atol=1e-4)
+    # the step hook: the accumulated gradient, unscaled, before clipping (clip value 1e-6)
+    groups = [reference[0:3], reference[3:6], reference[6:8]]
+    for got, group in zip(seen["step"], groups):
+        torch.testing.assert_close(got, sum(group) / 3, rtol=2e-2, atol=1e-4)
+        assert float(got.norm()) > 1e-3
+
+
+def test_amp_grad_scale_is_the_scalers_tensor_or_none():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from epochwise.callbacks._lightning_internals import amp_grad_scale
+
+    scales = []
+
+    class Read(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            scales.append(amp_grad_scale(trainer))
+
+    loader = DataLoader(make_dataset(10), batch_size=5)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    quiet_trainer(callbacks=[Read()], max_steps=1, plugins=[plugin]).fit(RecordingModule(), loader)
+    quiet_trainer(callbacks=[Read()], max_steps=1, precision="bf16-mixed").fit(RecordingModule(), loader)
+    quiet_trainer(callbacks=[Read()], max_steps=1).fit(RecordingModule(), loader)
+    assert isinstance(scales[0], torch.Tensor) and float(scales[0]) == 2.0**10
+    assert scales[1:] == [None, None]
+
+
+def test_fact_24_callback_metrics_is_a_dict_a_callback_can_fill_reset_at_each_fit():
+    seen = []
+
+    class Put(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen.append("mine" in trainer.callback_metrics)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.callback_metrics["mine"] = torch.tensor(float(batch_idx))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(float(trainer.callback_metrics["mine"]))
+
+    class Logs(RecordingModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)  # Lightning's own results are merged in, ours stay
+            return loss
+
+    trainer = quiet_trainer(callbacks=[Put()], max_epochs=2)
+    trainer.fit(Logs(), DataLoader(make_dataset(20), batch_size=5))
+    assert float(trainer.callback_metrics["mine"]) == 3.0 and "train_loss" in trainer.callback_metrics
+    trainer.fit_loop.max_epochs = 4
+    trainer.fit(Logs(), DataLoader(make_dataset(20), batch_size=5))  # the next fit starts without it
+    assert seen == [False, 3.0, 3.0, False, 3.0, 3.0]
+
+
+class _CommProbe(Callback):
+    """Registers a comm hook on the DDP wrapper that records each bucket before and after the all-reduce."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        self.rows = []
+        model = trainer.strategy.model
+
+        def hook(state, bucket):
+            before = bucket.buffer().detach().clone()
+            future = default_hooks.allreduce_hook(model.process_group, bucket)
+
+            def after(fut):
+                value = fut.value()[0] if isinstance(fut.value(), list) else fut.value()
+                self.rows.append({"step": trainer.global_step, "last": bucket.is_last(),
+                                  "before": before.tolist(), "after": value.tolist()})
+                return value
+
+            return future.then(after)
+
+        model.register_comm_hook(None, hook)
+        try:
+            model.register_comm_hook(None, hook)
+            self.second = "accepted"
+        except RuntimeError as err:
+            self.second = str(err)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.rows.append({"step": trainer.global_step, "grad": torch.cat(
+            [p.grad.reshape(-1) for p in pl_module.parameters()]).tolist()})
+
+    def teardown(self, trainer, pl_module, stage):
+        import json
+
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"rows": self.rows, "second": self.second}, f)
+
+
+@pytest.mark.slow
+def test_fact_10_a_comm_hook_on_the_ddp_wrapper_sees_each_bucket_before_and_after_the_all_reduce(tmp_path):
+    import json
+
+    quiet_trainer(strategy="ddp_spawn", devices=2, max_steps=2, accumulate_grad_batches=2,
+                  callbacks=[_CommProbe(str(tmp_path))]).fit(RecordingModule(lr=0.0), DataLoader(make_dataset(40), batch_size=5))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "only be called once" in ranks[0]["second"]
+    for step in (0, 1):
+        hooked = [[row for row in rank["rows"] if row["step"] == step and "before" in row] for rank in ranks]
+        # one all-reduce per optimizer step: the first micro-batch's backward runs under no_sync
+        assert [len(h) for h in hooked] == [1, 1] and hooked[0][0]["last"]
+        before0, before1 = torch.tensor(hooked[0][0]["before"]), torch.tensor(hooked[1][0]["before"])
+        after = torch.tensor(hooked[0][0]["after"])
+        assert not torch.allclose(before0, before1)  # each rank's own (accumulated) gradient...
+        torch.testing.assert_close(after, (before0 + before1) / 2)  # ...and their average, on both ranks
+        assert hooked[1][0]["after"] == hooked[0][0]["after"]
+        grads = [row["grad"] for row in ranks[0]["rows"] if row["step"] == step and "grad" in row]
+        assert sorted(grads[0]) == pytest.approx(sorted(hooked[0][0]["after"]))  # what the optimizer gets
