@@ -84,7 +84,36 @@ class RecordingModule(pl.LightningModule):
         return out
 
 
+class DestroyProcessGroup(pl.Callback):
+    """Ends a spawned DDP fit cleanly: a barrier, then ``torch.distributed.destroy_process_group()``.
+
+    Lightning (2.6) destroys the process group at exit for NCCL only; with gloo the group outlives
+    the fit, and its C++ worker threads are still running when the child interpreter finalizes.
+    A worker thread drops the last reference to the ``Work`` of the last collective (and so to the
+    Python-created tensor in it, e.g. ``reduce_boolean_decision``'s) after the main thread has been
+    woken; freeing that tensor's PyObject needs the GIL, and if the main thread reaches
+    ``Py_FinalizeEx`` first the worker is ``pthread_exit``-ed inside a noexcept destructor:
+    ``terminate called without an active exception``, the child dies with SIGABRT (a race, roughly
+    1 run in 4 for a fit whose last collective is a callback's; reproduced with plain
+    ``torch.multiprocessing.spawn`` + gloo, no Lightning). Destroying the group before the spawned
+    function returns joins those threads while the interpreter is intact. ``teardown`` runs after
+    the strategy's teardown and after every collective of the fit; the barrier keeps a rank from
+    tearing its connections down while the other is still in the last collective.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def quiet_trainer(tmp_path=None, **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without logger, progress bar, summary, checkpoints or sanity validation.
+
+    A DDP strategy (``strategy="ddp_spawn"``...) gets :class:`DestroyProcessGroup` appended to its
+    callbacks, so every multi-process test ends its gloo group before the child exits."""
+    if str(kwargs.get("strategy", "")).startswith("ddp"):
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), DestroyProcessGroup()]
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
