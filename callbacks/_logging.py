@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 
 from ._lightning_internals import is_logging_step, logging_step
 
-__all__ = ["log_dir_of", "log_metrics", "CadenceLog", "log_scalars", "current_lrs"]
+__all__ = ["log_dir_of", "log_metrics", "CadenceLog"]
 
 
 def log_dir_of(trainer: pl.Trainer) -> str:
@@ -112,20 +112,3 @@ class CadenceLog:
         self._last_watched = tuple(metrics[key] for key in self.watch if key in metrics)
         log_metrics(trainer, metrics, step)
         return True
-
-
-# -- transitional: the wave-1 names, removed once every callback logs through CadenceLog ------------
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
-    """Wave-1 name of :func:`log_metrics` (logs at ``trainer.global_step`` unless ``step``)."""
-    log_metrics(trainer, metrics, trainer.global_step if step is None else step)
-
-
-def current_lrs(trainer: pl.Trainer) -> dict[str, float]:
-    """Effective LR of every param group: ``lr/group{j}`` (``lr/opt{i}_group{j}`` with several optimizers)."""
-    optimizers = trainer.optimizers
-    many = len(optimizers) > 1
-    return {
-        (f"lr/opt{i}_group{j}" if many else f"lr/group{j}"): float(group["lr"])
-        for i, opt in enumerate(optimizers)
-        for j, group in enumerate(opt.param_groups)
-    }

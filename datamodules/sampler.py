@@ -148,22 +148,6 @@ class ResizableBatchSampler(BatchSampler):
         self.order: Callable[[int], Sequence[int] | None] | None = None
         self.start_batch = 0
 
-    # -- transitional: the wave-1 in-place adoption, removed with the wave-1 controller -------------
-    def _init_resizable(self, seed: int | None) -> None:
-        self.seed, self.epoch, self.plan, self.start_batch = seed, 0, None, 0
-
-    @classmethod
-    def adopt(cls, batch_sampler: BatchSampler, seed: int | None = None) -> ResizableBatchSampler:
-        if isinstance(batch_sampler, cls):
-            if seed is not None:
-                batch_sampler.seed = seed
-            return batch_sampler
-        if type(batch_sampler) is not BatchSampler:
-            raise TypeError(f"custom batch sampler {type(batch_sampler).__name__}")
-        batch_sampler.__class__ = cls
-        batch_sampler._init_resizable(seed)
-        return batch_sampler  # type: ignore[return-value]
-
     def size_of(self, index: int) -> int:
         """Planned size of batch ``index`` of the epoch."""
         n = self.plan(index) if self.plan is not None else self.batch_size
