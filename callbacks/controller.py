@@ -24,7 +24,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 from typing_extensions import override
@@ -50,7 +49,8 @@ from ._lightning_internals import (
 from ._logging import CadenceLog
 from ._max_per_device import measure_max_per_device, same_batches
 from .engine import FitState, batch_length, fit_state, length_or_none, release_fit_state
-from .plans import EpochPlan, FitStep, plan_epoch, simulate_fit
+from .fit_checks import check_trainer, total_steps, val_check_error, validate_fit
+from .plans import EpochPlan, plan_epoch
 from .schedules import Unit
 
 __all__ = ["BatchSizeController"]
@@ -206,7 +206,7 @@ class BatchSizeController(Callback):
         if stage != "fit":
             return
         self._reset_fit()
-        self._check_trainer(trainer, pl_module)
+        check_trainer(self, trainer, pl_module)
         state = fit_state(trainer)
         if state.batch.owner is not None and state.batch.owner is not self:
             raise ConfigurationError(
@@ -229,24 +229,6 @@ class BatchSizeController(Callback):
                 trainer, lambda loader: self._wrap_loader(trainer, loader), lambda: self._after_build(trainer)
             ),
         )
-
-    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name = type(self).__name__
-        strategy = trainer.strategy
-        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
-            raise ConfigurationError(
-                f"{name} is proven on a single device and under DDP (strategy='ddp', 'ddp_spawn', "
-                f"...), not under strategy={type(strategy).__name__}: use one of those, or remove "
-                f"{name}."
-            )
-        if not pl_module.automatic_optimization and self.max_per_device is not None:
-            raise ConfigurationError(
-                f"{name}(max_per_device={self.max_per_device!r}) keeps the effective batch with "
-                "Trainer(accumulate_grad_batches), which Lightning ignores under manual optimization "
-                "(automatic_optimization=False): pass max_per_device=None, or use automatic optimization."
-            )
-        if trainer.limit_train_batches == 0:
-            raise ConfigurationError(f"{name}: limit_train_batches=0 trains nothing; remove {name} or the limit")
 
     # -- the twin loader ------------------------------------------------------------------------
     def _wrap_loader(self, trainer: pl.Trainer, loader: Any) -> Any:
@@ -296,7 +278,7 @@ class BatchSizeController(Callback):
         length = self._plan.length if self._plan is not None else None
         set_train_epoch_length(trainer, math.inf if length is None else length)
         if not self._training and self._undo_estimate is None:
-            total = self._total_steps(trainer)
+            total = total_steps(self, trainer)
             if total is not None:
                 self._undo_estimate = override_stepping_estimate(trainer, total)
 
@@ -355,7 +337,7 @@ class BatchSizeController(Callback):
             and trainer.limit_val_batches != 0
             and not validates_by_time(trainer)
         ):
-            raise self._val_check_error(interval, f"epoch {epoch} has {length} batches")
+            raise val_check_error(self, interval, f"epoch {epoch} has {length} batches")
         self._plan, self._plan_key = plan, key
         self._epoch_first_step, self._batches_done = first_step, start
         trainer.accumulate_grad_batches = plan.accumulation
@@ -365,80 +347,6 @@ class BatchSizeController(Callback):
         if not at_build:
             set_train_epoch_length(trainer, math.inf if length is None else length)
         return True
-
-    def _simulate(self, trainer: pl.Trainer, largest: bool = False) -> list[FitStep] | None:
-        """The whole fit, epoch by epoch (``None`` when it cannot be known ahead); ``largest=True``:
-        the fit at the largest size the schedule may ask for (an adaptive controller's shortest epochs)."""
-        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-        if (max_epochs is None or max_epochs < 0) and max_steps < 0:
-            return None
-        if self._samples is None and max_steps < 0:
-            return None
-        if largest:
-            size = self.largest_batch_size()
-            if size is None:
-                return None
-            return simulate_fit(
-                lambda e, s: self._make_plan(e, s, lambda *_: size), max_epochs, max_steps, trainer.limit_train_batches
-            )
-        if self.adaptive:
-            return None
-        return simulate_fit(self._make_plan, max_epochs, max_steps, trainer.limit_train_batches)
-
-    def _total_steps(self, trainer: pl.Trainer) -> int | None:
-        fit = self._simulate(trainer)
-        if fit is None or any(math.isinf(f.steps) for f in fit):
-            return None
-        return int(sum(f.steps for f in fit))
-
-    def _validate_fit(self, trainer: pl.Trainer) -> None:
-        """Refuse, before the first step, a configuration some epoch of the plan cannot honour."""
-        name = type(self).__name__
-        fit = self._simulate(trainer, largest=self.adaptive)
-
-        def where(f: FitStep) -> str:
-            if self.adaptive:
-                return f"at its largest batch size, {self.largest_batch_size()}, an epoch has {f.batches} batches"
-            return f"epoch {f.epoch} has {f.batches} batches"
-
-        for f in fit or []:
-            if f.batches == 0:
-                which = "an epoch at the largest batch size" if self.adaptive else f"epoch {f.epoch}"
-                raise ConfigurationError(
-                    f"{name}: limit_train_batches={trainer.limit_train_batches} leaves {which} "
-                    f"with 0 batches (its batch size is {f.first_size}); use an int limit or a larger fraction"
-                )
-        interval = trainer.val_check_interval
-        if (
-            isinstance(interval, int)
-            and not validates_by_time(trainer)
-            and trainer.check_val_every_n_epoch is not None
-            and trainer.limit_val_batches != 0
-        ):
-            short = [f for f in fit or [] if f.batches < interval]
-            if short:
-                raise self._val_check_error(interval, where(short[0]))
-        total = self._total_steps(trainer)
-        for config in trainer.lr_scheduler_configs:
-            scheduler = getattr(config.scheduler, "scheduler", config.scheduler)
-            needed = getattr(scheduler, "total_steps", None)
-            if config.interval != "step" or needed is None:
-                continue
-            if total is None or needed < total:
-                raise ConfigurationError(
-                    f"{type(scheduler).__name__}(total_steps={needed}) would run out before the fit ends: "
-                    f"with {name} the fit takes {total if total is not None else 'an unknown number of'} "
-                    "optimizer steps. Size it from trainer.estimated_stepping_batches read in "
-                    "configure_optimizers (epochwise makes it exact), or use SampleBasedLRSchedule."
-                )
-
-    def _val_check_error(self, interval: int, where: str) -> ConfigurationError:
-        return ConfigurationError(
-            f"{type(self).__name__}: val_check_interval={interval} batches is more than an epoch holds "
-            f"once the batch size changes ({where}), so validation would silently stop. Use a float "
-            "val_check_interval (a fraction of each epoch), or check_val_every_n_epoch=None to "
-            "validate every N batches across epochs."
-        )
 
     # -- Lightning hooks ------------------------------------------------------------------------
     @override
@@ -459,7 +367,7 @@ class BatchSizeController(Callback):
         if self._prepare(trainer) and not (unmeasured is not None and key == self._plan_key
                                            and same_batches(unmeasured, self._plan)):  # type: ignore[arg-type]
             restart_train_iterator(trainer)  # batches were prefetched under the wrong plan
-        self._validate_fit(trainer)
+        validate_fit(self, trainer)
         self._loaded = None
 
     @override

@@ -30,6 +30,7 @@ from typing_extensions import override
 from ._checks import ConfigurationError, check_int
 from ._logging import CadenceLog
 from .controller import BatchSizeController
+from .fit_checks import simulate
 from .lr_path import LRPath
 from .one_cycle_schedules import OneCycleBatchLRSchedule
 from .plans import EpochPlan, limited_length
@@ -290,7 +291,7 @@ class OneCycleBatchLR(BatchSizeController):
     def _check_cycle(self, trainer: pl.Trainer) -> None:
         """Warn when the fit and the cycle do not end together (the LR would not anneal, or would sit
         at its final value)."""
-        fit = self._simulate(trainer)
+        fit = simulate(self, trainer)
         if not fit or math.isinf(fit[-1].steps):
             return
         last = fit[-1]
