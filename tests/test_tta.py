@@ -29,6 +29,20 @@ def test_recipes_apply_through_the_epochwise_callbacks():
         tta.parse_recipe("start=16,speed=3")
 
 
+def test_the_warmup_recipe_is_the_shipped_warmup_yaml():
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "scripts" / "configs" / "warmup.yaml").read_text())
+    by_class = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
+    recipe = tta.RECIPES["warmup"]
+    warmup, scaling = by_class["BatchSizeWarmup"], by_class["LRScaling"]
+    assert (warmup["start"], warmup["end"], warmup["factor"], warmup["interval"], warmup["unit"]) == (
+        recipe.start, recipe.end, recipe.factor, recipe.interval, recipe.unit)
+    assert (scaling["rule"], scaling["base_batch_size"]) == (recipe.rule, recipe.base_batch)
+    assert (config["model"]["optimizer"], config["model"]["lr"], config["data"]["init_args"]["batch_size"]) == (
+        "adam", recipe.lr, recipe.start)
+
+
 def test_ratio_keeps_missed_targets_visible():
     assert tta.ratio(3.0, 6.0) == 0.5
     assert tta.ratio(math.inf, 6.0) == math.inf
