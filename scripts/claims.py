@@ -52,8 +52,9 @@ from verdicts import Condition, Rule, checked, verdict  # noqa: E402
 class Claim:
     """A claim of the tutorial, how it is measured and the rule that judges it.
 
-    ``cost``: expected seconds of its ``--quick`` measurement on 2 quiet cores (the first
-    estimate of the time left; later estimates scale it by how the finished claims ran).
+    ``cost`` / ``full_cost``: expected seconds of its ``--quick`` / full measurement on one quiet
+    core (the CPU seconds of a dry run: the first estimate of the time left; later estimates scale
+    them by how the finished claims ran).
     """
 
     key: str
@@ -61,40 +62,44 @@ class Claim:
     measure: Callable[[Settings], Measured]
     rule: Rule
     cost: float
+    full_cost: float = 0.0
+
+    def expected(self, quick: bool) -> float:
+        return self.cost if quick else max(self.cost, self.full_cost)
 
 
 C = Condition
 CLAIMS: tuple[Claim, ...] = (
     Claim("iterations", "Iterations per epoch = ceil(N / batch size); total updates = epochs x ceil(N / batch size).",
           cb.measure_iterations, Rule((C("mismatches", "==", 0, "every count equals the formula, per epoch and in total"),)),
-          10),
+          3, 3),
     Claim("grad_se", "The standard error of the mini-batch gradient falls as 1 / sqrt(batch size).",
           cb.measure_grad_se, Rule((
               C("slope_fpc_corrected", "between", (-0.55, -0.45),
                 "log-log slope of SE over B = 8..512, without-replacement factor divided out"),
               C("slope", "between", (-0.6, -0.4), "raw log-log slope, batches drawn as an epoch draws them"))),
-          20),
+          22, 80),
     Claim("lr_scaling", "A large batch at a fixed learning rate generalises worse; linear or square-root LR scaling "
           "with warmup closes the gap.", cb.measure_lr_scaling, Rule((
               C("deficit_points_fixed_lr", ">=", 1.0, "batch 512 at the batch-32 LR ends >= 1 point below batch 32"),
               C("gap_excess_points_fixed_lr", ">=", 0.5,
                 "its train-val accuracy gap is >= 0.5 point larger: worse generalisation, not only less training"),
               C("deficit_points_best_scaled", "<=", 1.0, "the better of linear / sqrt with warmup ends within 1 point"))),
-          40),
+          6, 9),
     Claim("smith", "Increasing the batch size instead of decaying the LR reaches the same accuracy with fewer "
           "parameter updates (Smith et al. 2017).", cb.measure_smith, Rule((
               C("acc_delta_points", ">=", -1.0, "batch growth ends within 1 point of LR decay (or above)"),
               C("steps_ratio", "<", 1.0, "with fewer optimizer steps"))),
-          40),
+          5, 12),
     Claim("batch_warmup", "Batch-size warmup (small -> large) reaches a target accuracy in less wall time than a fixed "
           "batch, at equal or better accuracy.", cb.measure_batch_warmup, Rule((
               C("tta_wall_ratio", "<", 1.0, "median wall time to 97% val acc, warmup recipe / fixed batch 64"),
               C("test_acc_delta_points", ">=", -1.0, "test accuracy at the target within 1 point (or above)"))),
-          60),
+          14, 14),
     Claim("resizing", "Progressive resizing saves training time at equal accuracy.", ce.measure_resizing, Rule((
               C("speedup_fit_cpu", ">=", 1.1, "the fit takes >= 10% less CPU time than at full size"),
               C("acc_delta_points", ">=", -1.0, "median test accuracy within 1 point (or above)"))),
-          90),
+          40, 80),
     Claim("epochs", "Too few epochs underfit and too many overfit; early stopping with restored weights picks the "
           "right epoch, and the learning-curve diagnosis agrees.", ce.measure_epochs, Rule((
               C("underfit_points_first_epoch", ">=", 2.0, "after 1 epoch val acc is >= 2 points below its best"),
@@ -105,14 +110,14 @@ CLAIMS: tuple[Claim, ...] = (
                 "early stopping restores the long run's best val-loss epoch (2/3 seeds)"),
               C("test_loss_es_minus_long", "<", 0.0, "the restored weights have a lower test loss than the last ones"),
               C("test_acc_es_minus_long_points", ">=", -0.5, "and a test accuracy within 0.5 point (or above)"))),
-          120),
+          11, 22),
     Claim("snapshots", "A snapshot ensemble beats its best single snapshot (chosen on validation data).",
           ce.measure_snapshots, Rule((
               C("delta_points", ">", 0.0, "median test accuracy, ensemble - validation-chosen snapshot"),
               C("seeds_ensemble_ge_single_share", ">=", 1.0, "the ensemble is at least as good in every seed"))),
-          60),
+          4, 7),
     Claim("mixed_precision", "Mixed precision fits a larger batch in the same memory.", ce.measure_mixed_precision,
-          Rule((C("fit_ratio", ">=", 1.3, "bf16 fits a >= 1.3x larger batch in the float32 step's memory"),)), 5),
+          Rule((C("fit_ratio", ">=", 1.3, "bf16 fits a >= 1.3x larger batch in the float32 step's memory"),)), 1, 1),
 )
 KEYS = tuple(c.key for c in CLAIMS)
 
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = machine(args.threads)
     print(f"{len(todo)} claims on {args.data}, seeds {' '.join(map(str, args.seeds))}, "
           f"{'quick' if args.quick else 'full'} runs; load average {before['load_average'][0]:.1f}; "
-          f"about {time_left(0, [], [c.cost for c in todo]) * (1 if args.quick else 4):.0f} s on 2 quiet cores", flush=True)
+          f"about {time_left(0, [], [c.expected(args.quick) for c in todo]):.0f} s on a quiet machine", flush=True)
     started = time.perf_counter()
     for i, claim in enumerate(todo):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entries[claim.key] = entry(claim, measured, s, time.perf_counter() - t0, time.process_time() - c0)
         e = entries[claim.key]
         shown = ", ".join(f"{c['condition'].split(' ')[0]} {c['value']}" for c in e["conditions"])
-        left = time_left(time.perf_counter() - started, [c.cost for c in todo[: i + 1]], [c.cost for c in todo[i + 1:]])
+        left = time_left(time.perf_counter() - started, [c.expected(args.quick) for c in todo[: i + 1]],
+                         [c.expected(args.quick) for c in todo[i + 1:]])
         print(f"[{i + 1}/{len(todo)}] {claim.key}: {e['verdict'].upper()} ({shown}) in {e['seconds']:.0f} s "
               f"({e['cpu_seconds']:.0f} s CPU); "
               f"about {left:.0f} s left", flush=True)

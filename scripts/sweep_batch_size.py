@@ -116,6 +116,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.plot(xs, [r[key] for r in rs], marker="o", label=f"LR rule: {rule}")
             ax.fill_between(xs, [r[f"{key}_min"] for r in rs], [r[f"{key}_max"] for r in rs], alpha=0.2)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
+        ax.minorticks_off()
         if key in ("steps", "wall_s"):
             ax.set_yscale("log")
         ax.set_title(label, fontsize=10)

@@ -13,7 +13,7 @@ baseline) and ``tta_steps_ratio`` (median optimizer steps to the target, exact a
 training samples/s at each batch size on this machine (a ratio between sizes is meaningful even
 under load, since every size is timed in every round).
 
-    python scripts/tta.py --throughput                      # samples/s at batch 16..512
+    python scripts/tta.py --throughput                      # samples/s at batch 8..512, one thread
     python scripts/tta.py --recipes fixed64 warmup_yaml warmup fixed64_lr3 --seeds 0 1 2 3 4 5 6 7 8 9
     python scripts/tta.py --compare warmup --seeds 0 1 2    # bench.py's tta_* keys alone
 """
@@ -278,8 +278,8 @@ def throughput(batch_sizes: list[int], rounds: int = 5, samples_per_round: int =
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--throughput", action="store_true", help="the samples/s micro-benchmark only")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--recipes", nargs="+", default=["fixed64", "warmup_yaml"],
                    help=f"names ({', '.join(RECIPES)}) or key=value,... specs (see parse_recipe)")
     p.add_argument("--compare", default=None, metavar="RECIPE",
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--target", type=float, default=TARGET)
     p.add_argument("--max-epochs", type=int, default=12)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as bench.py's "
+                   "tta keys: on busy cores two threads slowed these fits ~10x and small batches most)")
     p.add_argument("--out", default="runs/tta")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
