@@ -168,3 +168,21 @@ def test_bf16_autocast_saves_fewer_bytes_for_backward_on_cpu():
     fp32, bf16 = saved_activation_bytes(model, x, y, False), saved_activation_bytes(model, x, y, True)
     assert 0 < bf16 < fp32
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_the_claims_run_on_mnist_and_cifar10_files_when_present(name, tmp_path):
+    from measured_fit import data_available
+
+    from _native_files import write_cifar10, write_mnist
+
+    assert not data_available(name, str(tmp_path))
+    with pytest.raises(SystemExit):
+        claims.parse_args(["--data", name, "--data-dir", str(tmp_path)])
+    write_mnist(tmp_path, n_train=200) if name == "mnist" else write_cifar10(tmp_path, per_batch=40)
+    assert data_available(name, str(tmp_path))
+    s = Settings(data=name, data_dir=str(tmp_path))
+    n = train_size(s)
+    assert n == 180  # the torchvision DataModules hold out a tenth of the 200 training images
+    row = count_iterations(s, n, 64, epochs=1)
+    assert (row["batches_per_epoch"], row["optimizer_steps"], row["ok"]) == ([3], 3, True)
