@@ -23,6 +23,7 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def machine_line(m: dict[str, Any] | None) -> str:
             + (f", {m['utc']}" if m.get("utc") else ""))
 
 
-def claims_section(data: dict[str, Any] | None) -> list[str]:
+def claims_section(data: dict[str, Any] | None, claims_dir: Path, docs: Path) -> list[str]:
     out = ["## Claims of the tutorial, measured", ""]
     if data is None:
         return out + ["Not measured yet: run `python scripts/claims.py`.", ""]
@@ -93,6 +94,11 @@ def claims_section(data: dict[str, Any] | None) -> list[str]:
             out.append("- per seed / spread: " + ", ".join(f"{k} {fmt(v)}" for k, v in spreads.items()))
         if c.get("note"):
             out.append(f"- note: {c['note']}")
+        curves = claims_dir / "curves" / "seed0" / "long.png"
+        if c["key"] == "epochs" and curves.is_file():
+            shutil.copyfile(curves, docs / "claims_epochs_learning_curves.png")
+            out += ["", "![learning curves of the long run, seed 0](claims_epochs_learning_curves.png)", "",
+                    f"LearningCurveMonitor's plot of the long run, seed 0 (`{c['command']}`)."]
         out.append("")
     return out
 
@@ -133,13 +139,25 @@ def tta_section(root: Path) -> list[str]:
         out.append("")
     runs = load(root / "runs" / "tta" / "runs.json")
     if runs:
-        out += ["Epochs and optimizer steps to the target, per recipe and seed (steps are exact):", "",
-                "| recipe | seed | epochs | steps | samples | wall s | CPU s | load |", "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(runs, key=lambda r: (r["recipe"], r["seed"])):
-            out.append(f"| {r['recipe']} | {r['seed']} | {fmt(r['epochs'])} | {fmt(r['steps'])} | {fmt(r['samples'])} "
-                       f"| {fmt(r['wall_s'])} | {fmt(r['cpu_s'])} | {fmt(r['load_before'])} |")
+        out += ["Epochs and optimizer steps to the target per recipe (validation at every epoch end; steps are "
+                "exact and load-free, CPU seconds nearly so), and the share of the time spent validating:", "",
+                "| recipe | epochs per seed | median epochs (seeds 0 1 2 / all) | median steps (0 1 2) "
+                "| median CPU s (0 1 2) | validation share | load |", "|---|---|---|---|---|---|---|"]
+        for name in sorted({r["recipe"] for r in runs}):
+            rs = sorted((r for r in runs if r["recipe"] == name), key=lambda r: r["seed"])
+            first = [r for r in rs if r["seed"] in (0, 1, 2)]
+            rows = [row for r in rs for row in r["rows"]]
+            val = sum(row["val_s"] for row in rows) / max(1e-9, sum(row["train_s"] + row["val_s"] for row in rows))
+            loads = [r["load_before"] for r in rs]
+            out.append(f"| {name} | {' '.join(fmt(r['epochs']) for r in rs)} | {fmt(_median([r['epochs'] for r in first]))}"
+                       f" / {fmt(_median([r['epochs'] for r in rs]))} | {fmt(_median([r['steps'] for r in first]))} "
+                       f"| {fmt(_median([r['cpu_s'] for r in first]))} | {val:.1%} | {min(loads):.1f}-{max(loads):.1f} |")
         out.append("")
     return out
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
 
 
 def sweep_section(root: Path, docs: Path, name: str, title: str) -> list[str]:
@@ -200,7 +218,7 @@ def main(argv: list[str] | None = None) -> str:
              "What each technique of the tutorial buys on real data, measured, and the project's speed. "
              "Regenerate on a quiet machine, in this order:", "", "```bash"]
     lines += [f"{cmd}  # {why}" for cmd, why in COMMANDS] + ["```", ""]
-    lines += claims_section(claims) + bench_section(bench) + tta_section(root)
+    lines += claims_section(claims, (root / args.claims).parent, docs) + bench_section(bench) + tta_section(root)
     lines += sweep_section(root, docs, "sweep", "Batch-size sweep, fixed number of epochs")
     lines += sweep_section(root, docs, "sweep_updates", "Batch-size sweep, fixed number of optimizer steps")
     text = "\n".join(lines).rstrip() + "\n"
