@@ -17,7 +17,12 @@ from the second epoch on. Also measured:
 - ``batch_change_speedup``: time to the first batch of a new size, rebuilding a DataLoader with 2
   workers vs the engine's in-place change at an epoch boundary;
 - ``mfu``: SimpleCNN at batch 256 in the raw loop, achieved FLOP/s over the machine's measured
-  float32 matmul peak (CPU; bf16 on a GPU).
+  float32 matmul peak (CPU; bf16 on a GPU);
+- ``tta_wall_ratio`` / ``tta_steps_ratio``: the batch-size warmup + sqrt LR scaling recipe
+  (``scripts/tta.py``'s ``warmup``, as in scripts/configs/warmup.yaml) over the fixed batch 64
+  (scripts/configs/default.yaml), median wall time / optimizer steps to 97% digits validation
+  accuracy over seeds 0 1 2, run interleaved on one torch thread (CPU only; ``tta_cpu_ratio`` is the
+  process CPU time, ``tta_load_before`` the load average).
 
 Writes ``results.json`` (one flat object) and ``results.md`` into ``--out`` and prints the table.
 
@@ -65,6 +70,7 @@ from bench_parts import (  # noqa: E402
     training_flops_per_sample,
 )
 from lightning.pytorch.callbacks import Callback  # noqa: E402
+from tta import RECIPES, tta_comparison  # noqa: E402
 
 
 def lightning_step_times(args: argparse.Namespace, extra: list[Callback], epochs: int) -> list[float]:
@@ -117,6 +123,24 @@ def host_overhead_us(args: argparse.Namespace) -> float:
     return 1e3 * (statistics.median(full) - statistics.median(plain))
 
 
+def time_to_accuracy(seeds: tuple[int, ...] = (0, 1, 2), threads: int = 1) -> dict[str, float]:
+    """The warmup recipe vs the fixed batch 64, to 97% digits validation accuracy (see tta.py).
+
+    On ``threads`` torch threads (restored after): these small fits gain little from a second
+    thread, and on busy cores two threads made every fit ~10x slower and penalised the small
+    batches most (a 16-sample step waits at as many thread barriers as a 64-sample one).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0]
+    try:
+        result = tta_comparison(RECIPES["warmup"], RECIPES["fixed64"], list(seeds))
+    finally:
+        torch.set_num_threads(before)
+    keys = {k: v for k, v in result.items() if k.startswith("tta_")}
+    return {**keys, "tta_threads": threads, "tta_load_before": load, "tta_load_after": os.getloadavg()[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -163,6 +187,8 @@ def main() -> None:
         flops = training_flops_per_sample("simple_cnn") * 256
         results.update({"matmul_peak_gflops": peak / 1e9, "step_ms_simple_cnn_b256_raw": cnn_ms,
                         "mfu": flops / (cnn_ms / 1e3) / peak})
+        print("time to 97% digits validation accuracy: warmup + sqrt recipe vs fixed batch 64, 3 seeds")
+        results.update(time_to_accuracy())
     results.update({
         "device": args.device, "model": args.model, "batch": args.batch, "precision": args.precision,
         "repeats": args.repeats, "cpus": os.cpu_count() or 0, "machine": platform.machine(),
@@ -207,7 +233,8 @@ def markdown(results: dict, arms: list[str]) -> str:
         lines.append(f"| {arm} | {ms:.3f} | {ms / light:.3f}x |")
     lines += ["", "| figure | value |", "|---|---|"]
     for key in ("overhead_lightning_vs_raw", "overhead_all_callbacks_vs_raw", "overhead_all_callbacks_vs_lightning",
-                "host_us_per_step_all_callbacks", "batch_change_speedup", "mfu"):
+                "host_us_per_step_all_callbacks", "batch_change_speedup", "mfu", "tta_wall_ratio",
+                "tta_steps_ratio", "tta_cpu_ratio"):
         if key in results:
             lines.append(f"| {key} | {results[key]:.3f} |")
     return "\n".join(lines) + "\n"
