@@ -92,6 +92,11 @@ def restored_best(callback, module: ForeignModule) -> None:
 class Entry:
     make: Callable[[], object]
     check: Callable[[object, ForeignModule, pl.Trainer, int], None]  # (callback, module, trainer, accumulation)
+    companions: Callable[[object], list] | None = None  # callbacks it needs beside it in the Trainer
+
+
+def companions_of(entry: Entry, callback: object) -> list:
+    return entry.companions(callback) if entry.companions is not None else []
 
 
 def check_warmup(cb, m, t, acc):
@@ -158,7 +163,41 @@ def check_micro_batch(cb, m, t, acc):
     assert "training_step" not in m.__dict__ and "backward" not in m.__dict__
 
 
+def loader_batches(m: ForeignModule) -> dict[int, list[int]]:
+    """The loader's batch sizes per epoch: the split source runs the user's step on parts of one batch
+    (same ``batch_idx``), so the parts are summed back."""
+    sums: dict[tuple[int, int], int] = {}
+    for epoch, _, batch_idx, n, _ in m.steps:
+        sums[(epoch, batch_idx)] = sums.get((epoch, batch_idx), 0) + n
+    out: dict[int, list[int]] = {}
+    for (epoch, _), n in sorted(sums.items()):
+        out.setdefault(epoch, []).append(n)
+    return out
+
+
+def check_noise_scale(cb, m, t, acc):
+    # measures only: batches and LR untouched, the training step given back; the value reaches callback_metrics
+    assert loader_batches(m) == {e: epoch_sizes(BATCH) for e in range(EPOCHS)}
+    assert m.lrs() == pytest.approx([LR] * len(m.steps))
+    assert cb.last_source == ("accumulation" if acc > 1 else "split")
+    value = cb.value()
+    assert value is not None and float(t.callback_metrics["gns/b_simple"]) == pytest.approx(value)
+    assert "training_step" not in m.__dict__
+
+
+def check_adaptive(cb, m, t, acc):
+    decisions = cb.decisions
+    assert sorted(decisions) == list(range(EPOCHS)) and decisions[0] == 8
+    assert all(4 <= n <= 16 for n in decisions.values())
+    assert loader_batches(m) == {e: epoch_sizes(decisions[e]) for e in range(EPOCHS)}  # each epoch at its decision
+    assert cb.noise_scale.value() is not None and m.lrs() == pytest.approx([LR] * len(m.steps))
+
+
 REGISTRY: dict[str, Entry] = {
+    "AdaptiveBatchSize": Entry(
+        lambda: cbs.AdaptiveBatchSize(4, 16, start=8, noise_scale=cbs.GradientNoiseScale(every_n_steps=1)),
+        check_adaptive, companions=lambda cb: [cb.noise_scale]),
+    "GradientNoiseScale": Entry(lambda: cbs.GradientNoiseScale(every_n_steps=1), check_noise_scale),
     "AutoMicroBatch": Entry(lambda: cbs.AutoMicroBatch(), check_micro_batch),
     "BatchSizeWarmup": Entry(lambda: cbs.BatchSizeWarmup(4, 16, interval=1), check_warmup),
     "BatchSizeWarmup-step-maxdev": Entry(
@@ -211,7 +250,7 @@ def test_drop_in_on_foreign_module(name, setting, tmp_path):
         kwargs["accumulate_grad_batches"] = acc = 2
     if setting == "bf16":
         kwargs["precision"] = "bf16-mixed"
-    trainer = quiet_trainer(tmp_path, callbacks=[callback], max_epochs=EPOCHS, **kwargs)
+    trainer = quiet_trainer(tmp_path, callbacks=[*companions_of(entry, callback), callback], max_epochs=EPOCHS, **kwargs)
     module = ForeignModule()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val)
     entry.check(callback, module, trainer, acc)
