@@ -2,12 +2,27 @@
 
 A *recipe* is a batch-size path (fixed, or :class:`BatchSizeWarmup` growth) with an Adam LR that
 follows the batch by a rule (:class:`LRScaling`). :func:`run_to_target` trains SimpleCNN on the
-28 px digits and stops at the first validation (end of an epoch) whose ``val_acc`` reaches the
-target; it records, for every epoch, the optimizer steps, the samples seen, the wall and process
-CPU seconds of the training part and of the validation. :func:`tta_comparison` runs a recipe and
-the fixed-batch baseline interleaved over seeds (the machine's load hits both alike) and gives the
-ratios ``bench.py`` reports: ``tta_wall_ratio`` (median wall time to the target, recipe over
-baseline) and ``tta_steps_ratio`` (median optimizer steps to the target, exact and load-free).
+28 px digits and stops at the first check whose validation accuracy reaches the target.
+
+Checks (:class:`TargetClock`): the 144 validation images are evaluated in eval mode inside the
+fit, ``checks_per_epoch`` times per epoch (default 4), at the first optimizer step whose samples
+seen reach the next multiple of ``n_train / checks_per_epoch``: a grid in *samples*, the same for
+every batch size (a grid in steps would give a small batch more chances per sample), so an arm
+is checked at most one batch after each grid point and the last check of an epoch is at its end.
+Lightning's own validation loop is off. Epoch-end validation alone quantised the time to the
+target to whole epochs (2 vs 3 epochs is 0.67x whatever happened within them). A check reads no
+random numbers, so the training path is the one an unchecked fit would take.
+
+Each check records the optimizer steps, samples, fractional epochs, and the wall and process CPU
+seconds since the training started both *including* the checks (``wall_s``, ``cpu_s``) and
+*excluding* them (``train_wall_s``, ``train_cpu_s``: the checks are measurement, not training).
+:func:`tta_comparison` runs a recipe and the fixed-batch baseline interleaved over seeds (the
+machine's load hits both alike) and gives the ratios ``bench.py`` reports, every one the ratio of
+the two arms' medians computed the same way: ``tta_wall_ratio`` (training wall seconds to the
+target, checks excluded), ``tta_wall_incl_val_ratio`` (checks included), ``tta_steps_ratio``
+(optimizer steps, exact and load-free), ``tta_samples_ratio`` and ``tta_cpu_ratio`` (process CPU
+seconds, checks excluded; less sensitive to load). ``--checks-per-epoch 1`` is the old
+epoch-end-only measurement.
 
 :func:`throughput` is the interleaved micro-benchmark that explains the wall times: SimpleCNN's
 training samples/s at each batch size on this machine (a ratio between sizes is meaningful even
@@ -40,6 +55,7 @@ from measured_fit import evaluate, quiet_lightning
 
 from epochwise.callbacks import BatchSizeWarmup, LRScaling, LRWarmup
 from epochwise.datamodules import DigitsDataModule
+from epochwise.datamodules.memory import make_loader
 from epochwise.modules import ImageClassifier, SimpleCNN
 
 #: The acceptance target: validation accuracy on the digits' default split (144 images: 140 right).
@@ -120,77 +136,97 @@ def parse_recipe(text: str) -> Recipe:
 
 
 class TargetClock(Callback):
-    """Per epoch: steps, samples, wall/CPU seconds of training and of validation, ``val_acc``.
+    """Checks the validation accuracy ``checks_per_epoch`` times per epoch (see the module docstring).
 
-    Clocks start at ``on_train_start`` (after setup, which both arms share). With ``stop`` the fit
-    ends at the first validation whose ``monitor`` reaches ``target``; ``reached`` is that row.
+    Per check a row: epoch, steps, samples, fractional ``epochs``, batch, ``train_s`` / ``val_s``
+    (training and checking wall seconds since the previous check), ``wall_s`` / ``cpu_s`` (since
+    ``on_train_start``, checks included), ``train_wall_s`` / ``train_cpu_s`` (checks excluded) and
+    ``val_acc``. Clocks start at ``on_train_start`` (after setup, which both arms share). With
+    ``stop`` the fit ends at the first check whose accuracy reaches ``target``; ``reached`` is that row.
     """
 
-    def __init__(self, target: float, monitor: str = "val_acc", stop: bool = True) -> None:
-        self.target, self.monitor, self.stop = target, monitor, stop
+    def __init__(self, target: float, checks_per_epoch: int = 4, stop: bool = True) -> None:
+        if checks_per_epoch < 1:
+            raise ValueError(f"`checks_per_epoch` must be >= 1, got {checks_per_epoch}")
+        self.target, self.checks, self.stop = target, checks_per_epoch, stop
         self.rows: list[dict[str, Any]] = []
         self.reached: dict[str, Any] | None = None
-        self._t0 = self._c0 = self._epoch_t = self._val_t = self._val_c = 0.0
-        self._samples = 0
-        self._batch = 0
+        self._t0 = self._c0 = self._last_t = self._check_t = self._check_c = 0.0
+        self._samples = self._batch = self._n_train = self._next = 0
+        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_t = time.perf_counter()
+        data = trainer.datamodule  # type: ignore[attr-defined]
+        self._n_train = len(data.train_set)
+        x, y = next(iter(make_loader(data.val_set, batch_size=len(data.val_set))))  # plain transform, fixed order
+        self._val = (x, y)
+        self._next = 1  # the next grid point, in units of n_train / checks
+        self._t0 = self._last_t = time.perf_counter()
+        self._c0 = time.process_time()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         self._batch = int(batch[0].shape[0]) if batch_idx == 0 else self._batch
         self._samples += int(batch[0].shape[0])
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_t, self._val_c = time.perf_counter(), time.process_time()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if self._samples * self.checks < self._next * self._n_train:
             return
+        while self._next * self._n_train <= self._samples * self.checks:
+            self._next += 1
+        start, start_cpu = time.perf_counter(), time.process_time()
+        assert self._val is not None
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            acc = float((pl_module(self._val[0]).argmax(-1) == self._val[1]).float().mean())
+        pl_module.train(was_training)
         now, cpu = time.perf_counter(), time.process_time()
+        self._check_t += now - start
+        self._check_c += cpu - start_cpu
         row = {
             "epoch": trainer.current_epoch, "steps": trainer.global_step, "samples": self._samples,
-            "batch": self._batch, "train_s": self._val_t - self._epoch_t, "val_s": now - self._val_t,
-            "wall_s": now - self._t0, "cpu_s": cpu - self._c0, "val_acc": float(trainer.callback_metrics[self.monitor]),
+            "epochs": round(self._samples / self._n_train, 4), "batch": self._batch,
+            "train_s": start - self._last_t, "val_s": now - start,
+            "wall_s": now - self._t0, "cpu_s": cpu - self._c0,
+            "train_wall_s": now - self._t0 - self._check_t, "train_cpu_s": cpu - self._c0 - self._check_c,
+            "val_acc": acc,
         }
+        self._last_t = now
         self.rows.append(row)
-        if self.reached is None and row["val_acc"] >= self.target:
+        if self.reached is None and acc >= self.target:
             self.reached = row
             if self.stop:
                 trainer.should_stop = True
 
 
-def run_to_target(recipe: Recipe, seed: int, target: float = TARGET, max_epochs: int = 12,
-                  stop: bool = True) -> dict[str, Any]:
-    """Train SimpleCNN on the 28 px digits with ``recipe`` until ``val_acc >= target``.
+#: What :func:`run_to_target` reports at the target (``inf`` when it is not reached).
+AT_TARGET = ("epochs", "steps", "samples", "wall_s", "train_wall_s", "cpu_s", "train_cpu_s")
 
-    Returns the recipe, the seed, ``reached`` (bool), ``epochs`` / ``steps`` / ``samples`` /
-    ``wall_s`` / ``cpu_s`` at the target (``inf`` when never reached), the per-epoch ``rows`` and
-    the load average before the fit.
+
+def run_to_target(recipe: Recipe, seed: int, target: float = TARGET, max_epochs: int = 12,
+                  stop: bool = True, checks_per_epoch: int = 4) -> dict[str, Any]:
+    """Train SimpleCNN on the 28 px digits with ``recipe`` until the validation accuracy ``>= target``.
+
+    Returns the recipe, the seed, ``reached`` (bool), the :data:`AT_TARGET` figures of the check
+    that reached it (``inf`` when never reached), the per-check ``rows`` and the load average
+    before the fit.
     """
     pl.seed_everything(seed, verbose=False)
     data = DigitsDataModule(batch_size=recipe.start, seed=seed)
     model = ImageClassifier("simple_cnn", optimizer="adam", lr=recipe.lr)
-    clock = TargetClock(target, stop=stop)
+    clock = TargetClock(target, checks_per_epoch, stop=stop)
     trainer = pl.Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=[*recipe.callbacks(), clock],
     )
     load = os.getloadavg()[0]
     trainer.fit(model, datamodule=data)
     test_acc = evaluate(model, data.test_set)[0]  # the model as it stopped (at the target, if reached)
     hit = clock.reached
-    inf = float("inf")
     return {
         "recipe": recipe.name, "seed": seed, "reached": hit is not None, "load_before": load,
-        "epochs": hit["epoch"] + 1 if hit else inf, "steps": hit["steps"] if hit else inf,
-        "samples": hit["samples"] if hit else inf, "wall_s": hit["wall_s"] if hit else inf,
-        "cpu_s": hit["cpu_s"] if hit else inf, "test_acc": test_acc, "rows": clock.rows,
+        **{k: hit[k] if hit else float("inf") for k in AT_TARGET},
+        "checks_per_epoch": checks_per_epoch, "test_acc": test_acc, "rows": clock.rows,
     }
 
 
@@ -208,36 +244,44 @@ def ratio(a: float, b: float) -> float:
 
 
 def tta_comparison(recipe: Recipe, baseline: Recipe, seeds: list[int], target: float = TARGET,
-                   max_epochs: int = 12, log: Any = print) -> dict[str, Any]:
+                   max_epochs: int = 12, log: Any = print, checks_per_epoch: int = 4) -> dict[str, Any]:
     """Run ``baseline`` and ``recipe`` interleaved over ``seeds`` (order alternating per seed), after
     one unmeasured epoch of each (kernels, allocator and Lightning's first-fit costs).
 
-    Returns ``tta_wall_ratio`` (median wall seconds to the target, recipe / baseline),
-    ``tta_steps_ratio`` (median optimizer steps), ``tta_cpu_ratio`` (median process CPU seconds,
-    less sensitive to load), both arms' medians and every run.
+    Returns the ratios of the arms' medians (recipe / baseline): ``tta_wall_ratio`` (training wall
+    seconds to the target, the validation checks excluded), ``tta_wall_incl_val_ratio`` (checks
+    included), ``tta_steps_ratio`` (optimizer steps), ``tta_samples_ratio``, ``tta_cpu_ratio``
+    (process CPU seconds, checks excluded, less sensitive to load); both arms' medians and every run.
     """
     runs: dict[str, list[dict[str, Any]]] = {"recipe": [], "baseline": []}
     for rec in (baseline, recipe):  # unmeasured: the first fit of a process pays one-off setup costs
-        run_to_target(rec, seeds[0], target=2.0, max_epochs=1)
+        run_to_target(rec, seeds[0], target=2.0, max_epochs=1, checks_per_epoch=checks_per_epoch)
     for i, seed in enumerate(seeds):
         order = [("baseline", baseline), ("recipe", recipe)]
         for arm, rec in order if i % 2 == 0 else order[::-1]:
-            run = run_to_target(rec, seed, target, max_epochs)
+            run = run_to_target(rec, seed, target, max_epochs, checks_per_epoch=checks_per_epoch)
             runs[arm].append(run)
-            log(f"    tta seed {seed} {rec.name:<14} epochs {run['epochs']} steps {run['steps']} "
-                f"wall {run['wall_s']:.1f} s cpu {run['cpu_s']:.1f} s (load {run['load_before']:.1f})")
-    med = {arm: {k: _median([r[k] for r in rs]) for k in ("epochs", "steps", "samples", "wall_s", "cpu_s")}
-           for arm, rs in runs.items()}
+            log(f"    tta seed {seed} {rec.name:<14} {_summary(run)}")
+    med = {arm: {k: _median([r[k] for r in rs]) for k in AT_TARGET} for arm, rs in runs.items()}
     return {
-        "tta_wall_ratio": ratio(med["recipe"]["wall_s"], med["baseline"]["wall_s"]),
+        "tta_wall_ratio": ratio(med["recipe"]["train_wall_s"], med["baseline"]["train_wall_s"]),
+        "tta_wall_incl_val_ratio": ratio(med["recipe"]["wall_s"], med["baseline"]["wall_s"]),
         "tta_steps_ratio": ratio(med["recipe"]["steps"], med["baseline"]["steps"]),
-        "tta_cpu_ratio": ratio(med["recipe"]["cpu_s"], med["baseline"]["cpu_s"]),
+        "tta_samples_ratio": ratio(med["recipe"]["samples"], med["baseline"]["samples"]),
+        "tta_cpu_ratio": ratio(med["recipe"]["train_cpu_s"], med["baseline"]["train_cpu_s"]),
         "tta_epochs_recipe": med["recipe"]["epochs"], "tta_epochs_baseline": med["baseline"]["epochs"],
-        "tta_wall_s_recipe": med["recipe"]["wall_s"], "tta_wall_s_baseline": med["baseline"]["wall_s"],
+        "tta_wall_s_recipe": med["recipe"]["train_wall_s"], "tta_wall_s_baseline": med["baseline"]["train_wall_s"],
+        "tta_wall_incl_val_s_recipe": med["recipe"]["wall_s"], "tta_wall_incl_val_s_baseline": med["baseline"]["wall_s"],
         "tta_steps_recipe": med["recipe"]["steps"], "tta_steps_baseline": med["baseline"]["steps"],
+        "tta_checks_per_epoch": checks_per_epoch,
         "target": target, "seeds": list(seeds), "recipe": asdict(recipe), "baseline": asdict(baseline),
         "runs": runs,
     }
+
+
+def _summary(run: dict[str, Any]) -> str:
+    return (f"epochs {run['epochs']} steps {run['steps']} samples {run['samples']} wall {run['train_wall_s']:.2f} s "
+            f"(with checks {run['wall_s']:.2f} s) cpu {run['train_cpu_s']:.2f} s (load {run['load_before']:.1f})")
 
 
 def throughput(batch_sizes: list[int], rounds: int = 5, samples_per_round: int = 1024,
@@ -287,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--target", type=float, default=TARGET)
     p.add_argument("--max-epochs", type=int, default=12)
+    p.add_argument("--checks-per-epoch", type=int, default=4,
+                   help="validation checks per epoch, on a grid in samples (1: at epoch ends only)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as bench.py's "
                    "tta keys: on busy cores two threads slowed these fits ~10x and small batches most)")
     p.add_argument("--out", default="runs/tta")
@@ -307,20 +353,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.compare:
         result = tta_comparison(parse_recipe(args.compare), RECIPES["fixed64"], args.seeds, args.target,
-                                args.max_epochs)
+                                args.max_epochs, checks_per_epoch=args.checks_per_epoch)
         keys = {k: v for k, v in result.items() if k.startswith("tta_")}
         print(json.dumps(keys, indent=2))
         (out / "compare.json").write_text(json.dumps(result, indent=2))
         return
+    recipes = [parse_recipe(name) for name in args.recipes]
+    for recipe in recipes:  # unmeasured, as in tta_comparison: the first fits pay one-off setup costs
+        run_to_target(recipe, args.seeds[0], target=2.0, max_epochs=1, checks_per_epoch=args.checks_per_epoch)
     results = []
     for seed in args.seeds:  # interleaved: every recipe once per seed
-        for name in args.recipes:
-            recipe = parse_recipe(name)
-            run = run_to_target(recipe, seed, args.target, args.max_epochs)
-            name = recipe.name
+        for recipe in recipes:
+            run = run_to_target(recipe, seed, args.target, args.max_epochs, checks_per_epoch=args.checks_per_epoch)
             results.append(run)
-            print(f"{name:<14} seed {seed}: epochs {run['epochs']} steps {run['steps']} samples {run['samples']} "
-                  f"wall {run['wall_s']:.1f} s cpu {run['cpu_s']:.1f} s (load {run['load_before']:.1f})", flush=True)
+            print(f"{recipe.name:<14} seed {seed}: {_summary(run)}", flush=True)
             (out / "runs.json").write_text(json.dumps(results, indent=2))
 
 

@@ -49,10 +49,32 @@ def test_ratio_keeps_missed_targets_visible():
     assert math.isnan(tta.ratio(math.inf, math.inf)) and math.isnan(tta.ratio(1.0, 0.0))
 
 
-def test_the_clock_stops_the_fit_at_the_first_validation_that_reaches_the_target():
-    run = tta.run_to_target(tta.Recipe("r", 512, 512), seed=0, target=0.0, max_epochs=3)
+def test_the_clock_stops_the_fit_at_the_first_check_that_reaches_the_target():
+    run = tta.run_to_target(tta.Recipe("r", 512, 512), seed=0, target=0.0, max_epochs=3, checks_per_epoch=1)
     assert run["reached"] and run["epochs"] == 1 and len(run["rows"]) == 1
     assert (run["steps"], run["samples"]) == (3, 1294)  # ceil(1294 / 512) steps over the 1,294 training images
-    never = tta.run_to_target(tta.Recipe("r", 512, 512), seed=0, target=1.01, max_epochs=2)
+    never = tta.run_to_target(tta.Recipe("r", 512, 512), seed=0, target=1.01, max_epochs=2, checks_per_epoch=1)
     assert not never["reached"] and never["steps"] == math.inf and len(never["rows"]) == 2
     assert [r["steps"] for r in never["rows"]] == [3, 6] and 0.0 <= never["test_acc"] <= 1.0
+
+
+def test_checks_within_an_epoch_follow_a_grid_in_samples_and_stay_out_of_the_training_time():
+    # 4 checks per epoch: grid points every 323.5 samples; batch 512 reaches them at 512, 1024 (two
+    # points at once: one check) and 1294 (the epoch end); batch 256 at 512, 768, 1024 and 1294
+    never = tta.run_to_target(tta.Recipe("r", 512, 512), seed=0, target=1.01, max_epochs=2)
+    assert [r["samples"] for r in never["rows"]] == [512, 1024, 1294, 1806, 2318, 2588]
+    assert [r["epochs"] for r in never["rows"]][2] == 1.0
+    smaller = tta.run_to_target(tta.Recipe("r", 256, 256), seed=0, target=1.01, max_epochs=1)
+    assert [r["samples"] for r in smaller["rows"]] == [512, 768, 1024, 1294]
+    for row in never["rows"]:
+        assert 0.0 < row["train_wall_s"] < row["wall_s"] and row["train_cpu_s"] <= row["cpu_s"]
+    first = tta.run_to_target(tta.Recipe("r", 512, 512), seed=0, target=0.0, max_epochs=2)
+    assert first["reached"] and (first["steps"], first["samples"], len(first["rows"])) == (1, 512, 1)
+    with pytest.raises(ValueError, match="checks_per_epoch"):
+        tta.TargetClock(0.97, checks_per_epoch=0)
+
+
+def test_checks_do_not_change_the_training_path():
+    once = tta.run_to_target(tta.Recipe("r", 256, 256), seed=0, target=1.01, max_epochs=1, checks_per_epoch=1)
+    often = tta.run_to_target(tta.Recipe("r", 256, 256), seed=0, target=1.01, max_epochs=1, checks_per_epoch=8)
+    assert once["rows"][-1]["val_acc"] == often["rows"][-1]["val_acc"] and once["test_acc"] == often["test_acc"]
