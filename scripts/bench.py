@@ -234,7 +234,7 @@ def markdown(results: dict, arms: list[str]) -> str:
     lines += ["", "| figure | value |", "|---|---|"]
     for key in ("overhead_lightning_vs_raw", "overhead_all_callbacks_vs_raw", "overhead_all_callbacks_vs_lightning",
                 "host_us_per_step_all_callbacks", "batch_change_speedup", "mfu", "tta_wall_ratio",
-                "tta_steps_ratio", "tta_cpu_ratio"):
+                "tta_wall_incl_val_ratio", "tta_steps_ratio", "tta_samples_ratio", "tta_cpu_ratio"):
         if key in results:
             lines.append(f"| {key} | {results[key]:.3f} |")
     return "\n".join(lines) + "\n"

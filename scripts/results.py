@@ -139,8 +139,9 @@ def tta_section(root: Path) -> list[str]:
         out.append("")
     runs = load(root / "runs" / "tta" / "runs.json")
     if runs:
-        out += ["Epochs and optimizer steps to the target per recipe (validation at every epoch end; steps are "
-                "exact and load-free, CPU seconds nearly so), and the share of the time spent validating:", "",
+        out += ["Epochs (fractional: validation accuracy checked 4 times per epoch on a grid in samples) and "
+                "optimizer steps to the target per recipe (exact and load-free; CPU seconds nearly so), and the "
+                "share of the time spent on the checks:", "",
                 "| recipe | epochs per seed | median epochs (seeds 0 1 2 / all) | median steps (0 1 2) "
                 "| median CPU s (0 1 2) | validation share | load |", "|---|---|---|---|---|---|---|"]
         for name in sorted({r["recipe"] for r in runs}):
