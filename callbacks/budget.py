@@ -42,6 +42,13 @@ def budget_fractions(
     return {name: used[name] / limit for name, limit in limits.items() if limit is not None}
 
 
+def _batch_size(batch: Any) -> int:
+    """``extract_batch_size(batch)``, without its walk over the batch for the usual ``[inputs, ...]``."""
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].ndim:
+        return int(batch[0].shape[0])
+    return extract_batch_size(batch)
+
+
 def input_shape_key(batch: Any) -> tuple[tuple[int, ...], ...]:
     """The per-sample shapes of every tensor in ``batch`` (batch dimension dropped), in order.
 
@@ -223,7 +230,7 @@ class TrainingBudget(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._finish_measurement()  # a training_step without backward (e.g. returned None)
-        samples = extract_batch_size(batch) * trainer.world_size
+        samples = _batch_size(batch) * trainer.world_size
         self.samples_seen += samples
         self.optimizer_steps = trainer.global_step
         if self.flops is not None:
@@ -241,7 +248,8 @@ class TrainingBudget(Callback):
             announce_stop(self, trainer.current_epoch, self.stopping_reason_message)
         if spent:  # again at every batch min_epochs/min_steps still make Lightning run
             trainer.should_stop = True
-        self._log(trainer, self._metrics(fractions), force=first_stop)
+        if first_stop or not self._log.skip_step(trainer):  # the metrics are built only when logged
+            self._log(trainer, self._metrics(fractions), force=first_stop)
 
     def _used(self, name: str) -> float:
         return {"samples": self.samples_seen, "optimizer_steps": self.optimizer_steps, "flops": self.flops or 0.0}[name]

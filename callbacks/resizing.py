@@ -13,6 +13,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 from typing_extensions import override
@@ -229,6 +230,9 @@ class ProgressiveResizing(BatchSizeController):
         self._full_hw: tuple[int, int] | None = None  # full size in force during this fit
         self._loaded_full_hw: tuple[int, int] | None = None
         self._max_epochs: int | None = None
+        self._epoch_checked: tuple[int, type] | None = None  # (epoch, batch type) whose first batch was checked
+        self._epoch_size: tuple[int, tuple[int, int]] | None = None  # (epoch, its image size) when per epoch
+        self._full_shape: torch.Size | None = None
 
     # -- the schedule -------------------------------------------------------------------------
     def image_size(self, epoch: int, full_size: SizeLike, fraction: float = 0.0) -> tuple[int, int]:
@@ -287,6 +291,7 @@ class ProgressiveResizing(BatchSizeController):
         self._max_epochs = max_epochs if max_epochs is not None and max_epochs > 0 else None
         self._full_hw = self.full_size  # per fit; the coupled fit reads it from the data or a checkpoint
         self._loaded_full_hw = None
+        self._epoch_checked, self._epoch_size, self._full_shape = None, None, None
         self._resize_log.reset()
         if not self.couple_batch_size:
             return  # not the batch-size owner: leave the engine to whoever owns it
@@ -330,6 +335,7 @@ class ProgressiveResizing(BatchSizeController):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_checked = None  # the first batch of the epoch is checked in full (see _images)
         if self.couple_batch_size:
             super().on_train_epoch_start(trainer, pl_module)
 
@@ -340,11 +346,21 @@ class ProgressiveResizing(BatchSizeController):
         if self.couple_batch_size:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def _images(self, batch: Any, epoch: int) -> Tensor:
+        """The batch's images. The first batch of an epoch (and any batch of another container type)
+        is checked in full; the rest of the epoch comes from the same loader, so a per-step lookup
+        and a shape comparison suffice (the per-step hook stays a few microseconds)."""
+        if self._epoch_checked == (epoch, type(batch)):
+            images = batch[self.input_key]
+            if images.shape[-2:] != self._full_shape:
+                self._check_full_size(images)
+            return images
         images = _find_images(batch, self.input_key)
+        self._check_full_size(images)
+        self._epoch_checked = (epoch, type(batch))
+        return images
+
+    def _check_full_size(self, images: Tensor) -> None:
         full = (int(images.shape[-2]), int(images.shape[-1]))
         if self._full_hw is None:  # uncoupled: the first training batch tells the full size
             self._full_hw = full
@@ -354,19 +370,31 @@ class ProgressiveResizing(BatchSizeController):
                 f"{self._full_hw[0]}x{self._full_hw[1]} (from `full_size` or the first sample); "
                 "every training batch must come at the full size"
             )
-        if self.couple_batch_size:
-            size = self.image_size(trainer.current_epoch, full)
+        self._full_shape = torch.Size(full)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        epoch = trainer.current_epoch
+        images = self._images(batch, epoch)
+        full = self._full_hw
+        if self.couple_batch_size or isinstance(self.schedule, StagedResizeSchedule):
+            # the size depends on the epoch only: computed at its first batch
+            if self._epoch_size is None or self._epoch_size[0] != epoch:
+                self._epoch_size = (epoch, self.image_size(epoch, full))  # type: ignore[arg-type]
+            size = self._epoch_size[1]
         else:
             fraction = 0.0
             per_epoch = trainer.num_training_batches
-            if isinstance(self.schedule, ContinuousResizeSchedule) and math.isfinite(per_epoch) and per_epoch > 0:
+            if math.isfinite(per_epoch) and per_epoch > 0:
                 fraction = min(batch_idx / per_epoch, 1.0)
-            size = self.image_size(trainer.current_epoch, full, fraction)
+            size = self.image_size(epoch, full, fraction)  # type: ignore[arg-type]
         self._last_side = size[0]
         if size != full:
             batch[self.input_key] = resize_batch(images, size, self.mode, self.antialias)
         if not self._resize_log.skip_step(trainer, float(size[0])):
-            scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))
+            scale = math.sqrt(size[0] * size[1] / (full[0] * full[1]))  # type: ignore[index]
             self._resize_log(trainer, {"progressive_resizing/size": float(size[0]), "progressive_resizing/scale": scale})
         if self.couple_batch_size:
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
