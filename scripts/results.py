@@ -38,7 +38,7 @@ COMMANDS = (
      "batch-size sweep, 600 optimizer steps per cell (about 3 min)"),
     ("python scripts/tta.py --throughput --out runs/tta",
      "SimpleCNN samples/s per batch size (about 1 min)"),
-    ("python scripts/tta.py --recipes fixed64 warmup_yaml warmup fixed64_lr2 fixed64_lr3 --seeds 0 1 2 3 4 5 6 7 8 9 "
+    ("python scripts/tta.py --recipes fixed64 warmup_old warmup fixed64_lr2 fixed64_lr3 --seeds 0 1 2 3 4 5 6 7 8 9 "
      "--out runs/tta", "epochs and steps to 97% per recipe and seed (about 3 min)"),
     ("python scripts/bench.py --quick", "the benchmark, time-to-accuracy keys included (a few min)"),
     ("python scripts/results.py", "this file and the README block (seconds)"),

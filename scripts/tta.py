@@ -29,7 +29,7 @@ training samples/s at each batch size on this machine (a ratio between sizes is 
 under load, since every size is timed in every round).
 
     python scripts/tta.py --throughput                      # samples/s at batch 8..512, one thread
-    python scripts/tta.py --recipes fixed64 warmup_yaml warmup fixed64_lr3 --seeds 0 1 2 3 4 5 6 7 8 9
+    python scripts/tta.py --recipes fixed64 warmup_old warmup fixed64_lr3 --seeds 0 1 2 3 4 5 6 7 8 9
     python scripts/tta.py --compare warmup --seeds 0 1 2    # bench.py's tta_* keys alone
 """
 
@@ -100,13 +100,13 @@ class Recipe:
 
 #: Named recipes. ``fixed64`` is scripts/configs/default.yaml's optimizer, LR and batch (without its
 #: plateau scheduler, which cannot act before the target: it waits 3 epochs without improvement).
-#: ``warmup_yaml`` is scripts/configs/warmup.yaml as shipped before issue 17 (16 -> 256, every 2 epochs);
+#: ``warmup_old`` is scripts/configs/warmup.yaml as it shipped before issue 17 (16 -> 256, every 2 epochs);
 #: ``warmup`` is the recipe that replaced it (32 -> 64 -> 128, one epoch each, sqrt LR with Adam 2e-3 at
 #: batch 64; why: scripts/configs/warmup.yaml). ``fixed64_lr2`` / ``fixed64_lr3`` are ablations: the
 #: fixed batch 64 at the new recipe's LR at batch 64, and at about its LR at batch 128.
 RECIPES: dict[str, Recipe] = {
     "fixed64": Recipe("fixed64", 64, 64, lr=1e-3),
-    "warmup_yaml": Recipe("warmup_yaml", 16, 256, 2, 2, lr=1e-3, rule="sqrt", base_batch=16),
+    "warmup_old": Recipe("warmup_old", 16, 256, 2, 2, lr=1e-3, rule="sqrt", base_batch=16),
     "warmup": Recipe("warmup", 32, 128, 2, 1, lr=2e-3, rule="sqrt", base_batch=64),
     "fixed64_lr2": Recipe("fixed64_lr2", 64, 64, lr=2e-3),
     "fixed64_lr3": Recipe("fixed64_lr3", 64, 64, lr=3e-3),
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--throughput", action="store_true", help="the samples/s micro-benchmark only")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--recipes", nargs="+", default=["fixed64", "warmup_yaml"],
+    p.add_argument("--recipes", nargs="+", default=["fixed64", "warmup_old"],
                    help=f"names ({', '.join(RECIPES)}) or key=value,... specs (see parse_recipe)")
     p.add_argument("--compare", default=None, metavar="RECIPE",
                    help="run RECIPE and fixed64 interleaved over --seeds and print bench.py's tta_* ratios")

@@ -19,7 +19,7 @@ def test_recipes_apply_through_the_epochwise_callbacks():
     assert tta.RECIPES["fixed64"].callbacks() == []
     warmup, scaling = tta.RECIPES["warmup"].callbacks()
     assert isinstance(warmup, BatchSizeWarmup) and isinstance(scaling, LRScaling) and scaling.rule == "sqrt"
-    shipped = tta.RECIPES["warmup_yaml"].callbacks()[0]
+    shipped = tta.RECIPES["warmup_old"].callbacks()[0]
     assert [shipped.schedule(e) for e in range(10)] == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256]
     spec = tta.parse_recipe("name=r,start=16,end=64,interval=8,unit=step,lr=2e-3,rule=sqrt,base_batch=64,lr_warmup_steps=5")
     assert (spec.start, spec.end, spec.unit, spec.lr, spec.base_batch) == (16, 64, "step", 2e-3, 64)
@@ -29,7 +29,7 @@ def test_recipes_apply_through_the_epochwise_callbacks():
         tta.parse_recipe("start=16,speed=3")
 
 
-def test_the_warmup_recipe_is_the_shipped_warmup_yaml():
+def test_the_warmup_recipe_is_the_shipped_warmup_old():
     import yaml
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "scripts" / "configs" / "warmup.yaml").read_text())
