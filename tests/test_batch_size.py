@@ -284,6 +284,38 @@ def test_user_accumulation_is_kept_and_multiplied_by_the_split():
     assert trainer.accumulate_grad_batches == 2  # the user's value, given back
 
 
+def test_step_unit_walk_counts_the_users_accumulation():
+    # 48 samples, user accumulation 2: steps 0-2 ask 4 (x 2 micro-batches = 24 samples), steps 3-4
+    # ask 8: the epoch ends at step 4 and never reaches step 6's 16 > max_per_device, so the plan
+    # needs no split (a walk that forgot the accumulation would reach step 6 and halve every batch)
+    loader = DataLoader(make_dataset(48), batch_size=4)
+    module, probe = RecordingModule(), AccumProbe()
+    warmup = BatchSizeWarmup(4, 16, factor=2, interval=3, unit="step", max_per_device=8)
+    fit(module, [warmup, probe], loader, max_epochs=1, accumulate_grad_batches=2)
+    assert {acc for _, acc, _ in probe.rows} == {2}
+    assert [n for *_, n, _, _ in module.records] == [4] * 6 + [8] * 3
+    assert [step for _, step, *_ in module.records] == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_an_epoch_request_without_an_exact_split_takes_the_closest_micro_batch():
+    # 131 is prime: no exact split under max_per_device=64, so ceil(131 / 64) = 3 micro-batches of
+    # round(131 / 3) = 44 (43.67 floored would be 43: a smaller effective batch, 129)
+    loader = DataLoader(make_dataset(264), batch_size=8)
+    module, probe = RecordingModule(), AccumProbe()
+    fit(module, [BatchSizeSchedule({0: 131}, max_per_device=64), probe], loader, max_epochs=1)
+    assert module.sizes_by_epoch() == {0: [44] * 6}
+    assert {(acc, glob) for _, acc, glob in probe.rows} == {(3, 132)}
+
+
+def test_drop_last_keeps_a_final_batch_that_fits_exactly():
+    loader = DataLoader(make_dataset(100), batch_size=10, drop_last=True)
+    module, probe = RecordingModule(), EpochLengthProbe()
+    fit(module, [BatchSizeWarmup(10, 40, factor=2, interval=1), probe], loader, max_epochs=3)
+    # 100 = 10 x 10 = 5 x 20: nothing to drop; 100 = 2 x 40 + 20: the short one is dropped
+    assert module.sizes_by_epoch() == {0: [10] * 10, 1: [20] * 5, 2: [40] * 2}
+    assert probe.lengths == [10, 5, 2]
+
+
 def test_logging_at_lightnings_cadence_and_at_every_change():
     logger = MemoryLogger()
     loader = DataLoader(make_dataset(40), batch_size=10)

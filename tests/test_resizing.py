@@ -484,6 +484,17 @@ def test_the_coupled_batch_is_capped_at_the_samples_per_epoch():
     assert model.planned() == expected_steps([(2, N), (16, BATCH)])
 
 
+def test_the_capped_coupled_batch_is_the_planned_size_lr_scaling_and_logging_read():
+    # the batches hold 64 samples either way; the cap must also be the size the engine plans
+    model, log = TinyImageModule(lr=0.1), MemoryLogger()
+    pr = ProgressiveResizing(stages=[(0, 2), (1, 16)])  # 8 x (16/2)^2 = 512 wanted, N = 64 samples
+    trainer(2, [pr, LRScaling(rule="linear", base_batch_size=BATCH)], logger=log).fit(model, loader())
+    assert [(e, s[0], lr) for e, _, s, lr in model.train_seen] == (
+        [(0, N, pytest.approx(0.1 * N / BATCH))] + [(1, BATCH, pytest.approx(0.1))] * (N // BATCH)
+    )
+    assert log.series("batch_size/per_device") == [float(N), float(BATCH)]
+
+
 def test_resume_uses_the_checkpointed_full_size_without_reading_the_data(tmp_path, monkeypatch):
     import epochwise.callbacks.resizing as resizing
 
