@@ -212,4 +212,5 @@ def split_for_max_per_device(batch_size: int, max_per_device: int | None) -> tup
     for k in range(k_min, min(batch_size, 4 * k_min) + 1):
         if batch_size % k == 0:
             return batch_size // k, k
-    return min(max_per_device, round(batch_size / k_min)), k_min
+    # half up, as the step-unit plans round (Python's round() would take 50.5 to 50, the plans to 51)
+    return min(max_per_device, math.floor(batch_size / k_min + 0.5)), k_min

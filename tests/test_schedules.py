@@ -88,7 +88,8 @@ def test_warmup_factor_and_shapes():
 
 @pytest.mark.parametrize(
     "batch,maximum,expected",
-    [(256, 64, (64, 4)), (96, 64, (48, 2)), (64, 64, (64, 1)), (10, None, (10, 1)), (130, 64, (26, 5)), (7, 2, (1, 7))],
+    [(256, 64, (64, 4)), (96, 64, (48, 2)), (64, 64, (64, 1)), (10, None, (10, 1)), (130, 64, (26, 5)), (7, 2, (1, 7)),
+     (101, 64, (51, 2))],  # no exact split: 50.5 rounds half up, as the step-unit plans round
 )
 def test_split_for_max_per_device(batch, maximum, expected):
     micro, k = split_for_max_per_device(batch, maximum)
