@@ -6,7 +6,11 @@ Arms, on the same model and data, interleaved over repeats (median of the per-re
 - ``lightning``: ``Trainer.fit`` with no callback of ours (TensorBoard logger at Lightning's cadence);
 - ``lightning+<Callback>``: each epochwise callback alone, set up so it changes no work (a batch
   schedule that keeps the batch, a budget that never runs out, ...);
-- ``lightning+all``: all of them together.
+- ``lightning+all``: all of them together;
+- ``lightning (control)``: the plain fit again, so ``overhead_control_vs_lightning`` shows how far
+  two identical arms differ on this machine (the noise floor of every ratio).
+
+Every repeat runs the arms in its own shuffled order (seeded), so no arm always runs first or last.
 
 A step's time is the wall time from one ``on_train_batch_start`` to the next within an epoch
 (data loading, forward, backward, optimizer and every hook; validation and epoch ends excluded),
@@ -45,6 +49,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -108,9 +113,14 @@ def run_arms(args: argparse.Namespace) -> dict[str, float]:
     for name, make in ZERO_COST_CALLBACKS.items():
         arms[f"lightning+{name}"] = (lambda make=make: lightning_step_times(args, [make(args.batch, side)], args.epochs))
     arms["lightning+all"] = lambda: lightning_step_times(args, all_callbacks(args.batch, side), args.epochs)
+    # the plain fit again, as an arm of its own: how far two identical arms differ is the noise floor
+    arms["lightning (control)"] = lambda: lightning_step_times(args, [], args.epochs)
     per_repeat: dict[str, list[float]] = {name: [] for name in arms}
     for repeat in range(args.repeats):  # interleaved: machine load hits every arm alike
-        for name, run in arms.items():
+        order = list(arms)
+        random.Random(repeat).shuffle(order)  # no arm always runs first or last in a repeat
+        for name in order:
+            run = arms[name]
             per_repeat[name].append(median_ms(run()))
             print(f"  repeat {repeat + 1}/{args.repeats} {name:<40} {per_repeat[name][-1]:8.3f} ms/step", flush=True)
     return {name: statistics.median(values) for name, values in per_repeat.items()}
@@ -122,10 +132,17 @@ def host_overhead_us(args: argparse.Namespace) -> dict[str, float]:
     tiny = argparse.Namespace(**{**vars(args), "model": "tiny_mlp", "batch": 32, "precision": "32-true"})
     count = len(all_callbacks(32, SIDE["tiny_mlp"]))
     plain, empty, full = [], [], []
-    for _ in range(args.repeats):  # interleaved
-        plain.append(median_ms(lightning_step_times(tiny, [], tiny.epochs)))
-        empty.append(median_ms(lightning_step_times(tiny, [Callback() for _ in range(count)], tiny.epochs)))
-        full.append(median_ms(lightning_step_times(tiny, all_callbacks(32, SIDE["tiny_mlp"]), tiny.epochs)))
+    arms = {
+        "plain": (plain, lambda: []),
+        "empty": (empty, lambda: [Callback() for _ in range(count)]),
+        "full": (full, lambda: all_callbacks(32, SIDE["tiny_mlp"])),
+    }
+    for repeat in range(args.repeats):  # interleaved, in a shuffled order
+        order = list(arms)
+        random.Random(repeat).shuffle(order)
+        for name in order:
+            times, make = arms[name]
+            times.append(median_ms(lightning_step_times(tiny, make(), tiny.epochs)))
     base = statistics.median(plain)
     return {
         "host_us_per_step_all_callbacks": 1e3 * (statistics.median(full) - base),
@@ -187,6 +204,7 @@ def main() -> None:
     })
     for name in ZERO_COST_CALLBACKS:
         results[f"overhead_{name}_vs_lightning"] = step_ms[f"lightning+{name}"] / light
+    results["overhead_control_vs_lightning"] = step_ms["lightning (control)"] / light  # the noise floor
     print("host time of all callbacks on a tiny model")
     results.update(host_overhead_us(args))
     print("batch-size change: rebuild vs in place")
@@ -246,6 +264,7 @@ def markdown(results: dict, arms: list[str]) -> str:
         lines.append(f"| {arm} | {ms:.3f} | {ms / light:.3f}x |")
     lines += ["", "| figure | value |", "|---|---|"]
     for key in ("overhead_lightning_vs_raw", "overhead_all_callbacks_vs_raw", "overhead_all_callbacks_vs_lightning",
+                "overhead_control_vs_lightning",
                 "host_us_per_step_all_callbacks", "host_us_per_step_lightning_dispatch",
                 "host_us_per_step_epochwise_code", "batch_change_speedup", "mfu", "tta_wall_ratio",
                 "tta_wall_incl_val_ratio", "tta_steps_ratio", "tta_samples_ratio", "tta_cpu_ratio"):
