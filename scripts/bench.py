@@ -186,7 +186,7 @@ def main() -> None:
     if args.quick:
         args.epochs = 2
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    started = time.perf_counter()
+    started, load_at_start, threads = time.perf_counter(), list(os.getloadavg()), torch.get_num_threads()
     if args.gns:
         if args.quick:  # every GNS arm is a full fit: 3 repeats keep --gns --quick to minutes
             args.repeats = min(args.repeats, 3)
@@ -222,8 +222,9 @@ def main() -> None:
         results.update(time_to_accuracy())
     results.update({
         "device": args.device, "model": args.model, "batch": args.batch, "precision": args.precision,
-        "repeats": args.repeats, "cpus": os.cpu_count() or 0, "machine": platform.machine(),
-        "torch": torch.__version__, "lightning": pl.__version__, "seconds": time.perf_counter() - started,
+        "repeats": args.repeats, "cpus": os.cpu_count() or 0, "machine": platform.machine(), "threads": threads,
+        "load_average": load_at_start, "torch": torch.__version__, "lightning": pl.__version__,
+        "seconds": time.perf_counter() - started,
     })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ COMMANDS = (
 )
 #: bench.py keys with an acceptance target: (key, comparison, target)
 TARGETS = (("overhead_all_callbacks_vs_raw", "<=", 1.10), ("batch_change_speedup", ">=", 10.0),
-           ("mfu", ">=", 0.40), ("tta_wall_ratio", "<=", 0.6))
+           ("mfu", ">=", 0.40), ("tta_wall_ratio", "<=", 0.6), ("overhead_all_callbacks_vs_lightning", "<=", 1.03),
+           ("host_us_per_step_all_callbacks", "<=", 50.0))
 
 
 def load(path: Path) -> Any | None:
