@@ -10,6 +10,7 @@ Set ``EPOCHWISE_TRACEBACK=1`` (or pass ``--traceback``) for the full traceback i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -234,6 +235,16 @@ def print_summary(cli: LightningCLI, best: str, png: str | None, extra: dict[str
     for key, value in extra.items():
         for i, line in enumerate(value if isinstance(value, list) else [value]):
             print(f"{(key + ':') if i == 0 else '':<20}{line}")
+
+
+def write_run_summary(trainer: pl.Trainer, summary: dict) -> Path | None:
+    """``run_summary.json`` in the run folder (rank zero): what ``scripts/results.py`` quotes of a run."""
+    if not trainer.is_global_zero or trainer.logger is None or not trainer.logger.log_dir:
+        return None
+    path = Path(trainer.logger.log_dir) / "run_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    return path
 
 
 def traceback_text(error: BaseException) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +30,14 @@ from epochwise.modules.runtime import tune_malloc  # noqa: E402
 MALLOC_TUNED = tune_malloc() if not os.environ.get("EPOCHWISE_NO_MALLOC_TUNING") else False
 
 import lightning.pytorch as pl  # noqa: E402
-from cli_common import LoudAgain, OneLineParser, print_summary, quiet_lightning, run_cli  # noqa: E402
+from cli_common import (  # noqa: E402
+    LoudAgain,
+    OneLineParser,
+    print_summary,
+    quiet_lightning,
+    run_cli,
+    write_run_summary,
+)
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -74,17 +82,25 @@ class EpochwiseCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.trainer.callbacks.insert(0, LoudAgain())  # Lightning info lines again once the fit starts
+        self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
         trainer = self.trainer
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if isinstance(ckpt, ModelCheckpoint) else ""
+        fit_seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+        tested: list[dict[str, float]] = []
         if not trainer.interrupted:
-            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
+            tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
         curves = next((c for c in trainer.callbacks if isinstance(c, LearningCurveMonitor)), None)
-        extra = {"stopped": stop_reasons(trainer) or "max_epochs/max_steps reached",
-                 "malloc tuning": "on" if MALLOC_TUNED else "off"}
+        stopped = stop_reasons(trainer) or "max_epochs/max_steps reached"
+        extra = {"stopped": stopped, "malloc tuning": "on" if MALLOC_TUNED else "off"}
         print_summary(self, best, getattr(curves, "png_path", None), extra)
+        write_run_summary(trainer, {
+            "argv": sys.argv[1:], "fit_seconds": round(fit_seconds, 2), "epochs_trained": trainer.current_epoch,
+            "stopped": stopped if isinstance(stopped, list) else [stopped],
+            "test": {k: float(v) for k, v in (tested[0] if tested else {}).items()},
+        })
 
 
 def build(args: list[str] | None = None, run: bool = True) -> EpochwiseCLI:

@@ -50,3 +50,31 @@ def test_missing_measurements_say_which_command_makes_them(tmp_path):
     assert "Not measured yet: run `python scripts/claims.py`." in text
     assert "Not measured yet: run `python scripts/bench.py --quick`." in text
     assert (tmp_path / "README.md").read_text() == "no markers\n"
+
+
+def test_make_train_run_and_install_size_from_the_newest_default_run(tmp_path):
+    import os
+
+    default = {"argv": ["fit"], "fit_seconds": 12.5, "epochs_trained": 21, "stopped": ["EarlyStopping stopped it"],
+               "test": {"test_acc": 0.98, "test_loss": 0.09}}
+    write(tmp_path, "lightning_logs/version_0/run_summary.json", {**default, "test": {"test_acc": 0.5}})
+    write(tmp_path, "lightning_logs/version_1/run_summary.json", default)
+    write(tmp_path, "lightning_logs/version_2/run_summary.json",  # newer, but another recipe
+          {**default, "argv": ["fit", "--config", "warmup.yaml"], "test": {"test_acc": 0.1}})
+    for version, age in ((0, 30), (1, 20), (2, 10)):
+        path = tmp_path / f"lightning_logs/version_{version}/run_summary.json"
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime - age))
+    site = tmp_path / ".venv/lib/python3.11/site-packages"
+    (site / "nvidia").mkdir(parents=True)
+    (site / "torch").mkdir()
+    (site / "nvidia" / "lib.so").write_bytes(b"x" * 2**20)
+    (site / "torch" / "lib.so").write_bytes(b"x" * 2**19)
+    (tmp_path / "README.md").write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    text = results.main(["--root", str(tmp_path)])
+    line = "- `make train` (default recipe): test accuracy 0.98, 21 epochs in 12.5 s of fit on this machine"
+    assert line in text and line in (tmp_path / "README.md").read_text()
+    assert "`lightning_logs/version_1/run_summary.json`" in text
+    assert "- Install: `.venv` 0.0 GiB" in text and "0.0 GiB torch" in text
+    sizes = results.install_gib(tmp_path)
+    assert sizes is not None and abs(sizes["nvidia"] * 1024 - 1.0) < 1e-9 and abs(sizes["torch"] * 1024 - 0.5) < 1e-9
+    assert abs(sizes["venv"] * 1024 - 1.5) < 1e-9
