@@ -205,10 +205,11 @@ def install_gib(root: Path) -> dict[str, float] | None:
 def make_train_lines(run: dict[str, Any] | None, sizes: dict[str, float] | None) -> list[str]:
     lines = []
     if run is not None:
-        stopped = "; ".join(run.get("stopped", []))
+        stopped = "; ".join(reason.rstrip(".") for reason in run.get("stopped", []))
+        total = f", {fmt(run['run_seconds'])} s for the whole run with the test" if run.get("run_seconds") else ""
         lines.append(f"- `make train` (default recipe): test accuracy {fmt(run['test'].get('test_acc'))}, "
-                     f"{run.get('epochs_trained')} epochs in {fmt(run.get('fit_seconds'))} s of fit on this machine "
-                     f"({stopped}).")
+                     f"{run.get('epochs_trained')} epochs in {fmt(run.get('fit_seconds'))} s of fit{total}, "
+                     f"on this machine ({stopped}).")
     if sizes is not None:
         lines.append(f"- Install: `.venv` {sizes['venv']:.1f} GiB, of which {sizes['nvidia']:.1f} GiB CUDA libraries "
                      f"(`nvidia-*` wheels, which PyPI's Linux torch brings even without a GPU) and "

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.perf_counter()  # the run's wall time counts the imports too (run_summary.json)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from epochwise.modules.runtime import tune_malloc  # noqa: E402
@@ -98,6 +99,7 @@ class EpochwiseCLI(LightningCLI):
         print_summary(self, best, getattr(curves, "png_path", None), extra)
         write_run_summary(trainer, {
             "argv": sys.argv[1:], "fit_seconds": round(fit_seconds, 2), "epochs_trained": trainer.current_epoch,
+            "run_seconds": round(time.perf_counter() - STARTED, 2),  # imports, setup, fit and test
             "stopped": stopped if isinstance(stopped, list) else [stopped],
             "test": {k: float(v) for k, v in (tested[0] if tested else {}).items()},
         })

@@ -55,7 +55,7 @@ def test_missing_measurements_say_which_command_makes_them(tmp_path):
 def test_make_train_run_and_install_size_from_the_newest_default_run(tmp_path):
     import os
 
-    default = {"argv": ["fit"], "fit_seconds": 12.5, "epochs_trained": 21, "stopped": ["EarlyStopping stopped it"],
+    default = {"argv": ["fit"], "fit_seconds": 12.5, "run_seconds": 18.0, "epochs_trained": 21, "stopped": ["EarlyStopping stopped it"],
                "test": {"test_acc": 0.98, "test_loss": 0.09}}
     write(tmp_path, "lightning_logs/version_0/run_summary.json", {**default, "test": {"test_acc": 0.5}})
     write(tmp_path, "lightning_logs/version_1/run_summary.json", default)
@@ -71,7 +71,8 @@ def test_make_train_run_and_install_size_from_the_newest_default_run(tmp_path):
     (site / "torch" / "lib.so").write_bytes(b"x" * 2**19)
     (tmp_path / "README.md").write_text("<!-- results:begin -->\n<!-- results:end -->\n")
     text = results.main(["--root", str(tmp_path)])
-    line = "- `make train` (default recipe): test accuracy 0.98, 21 epochs in 12.5 s of fit on this machine"
+    line = ("- `make train` (default recipe): test accuracy 0.98, 21 epochs in 12.5 s of fit, 18 s for the whole "
+            "run with the test, on this machine (EarlyStopping stopped it).")
     assert line in text and line in (tmp_path / "README.md").read_text()
     assert "`lightning_logs/version_1/run_summary.json`" in text
     assert "- Install: `.venv` 0.0 GiB" in text and "0.0 GiB torch" in text
