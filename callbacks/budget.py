@@ -229,7 +229,8 @@ class TrainingBudget(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._finish_measurement()  # a training_step without backward (e.g. returned None)
+        if self._counter is not None:
+            self._finish_measurement()  # a training_step without backward (e.g. returned None)
         samples = _batch_size(batch) * trainer.world_size
         self.samples_seen += samples
         self.optimizer_steps = trainer.global_step
@@ -238,6 +239,10 @@ class TrainingBudget(Callback):
             if per_sample is None:
                 per_sample = self.flops_per_sample_by_shape.get(self._shape, 0.0)
             self.flops += samples * per_sample
+        if not (self.stopped or self._any_spent()):  # the common case: no fraction needed
+            if not self._log.skip_step(trainer):
+                self._log(trainer, self._metrics(self.fractions()))
+            return
         fractions = self.fractions()
         spent = [name for name, f in fractions.items() if f >= 1.0]
         first_stop = bool(spent) and not self.stopped
@@ -250,6 +255,13 @@ class TrainingBudget(Callback):
             trainer.should_stop = True
         if first_stop or not self._log.skip_step(trainer):  # the metrics are built only when logged
             self._log(trainer, self._metrics(fractions), force=first_stop)
+
+    def _any_spent(self) -> bool:
+        return (
+            (self.max_samples is not None and self.samples_seen >= self.max_samples)
+            or (self.max_optimizer_steps is not None and self.optimizer_steps >= self.max_optimizer_steps)
+            or (self.max_flops is not None and (self.flops or 0.0) >= self.max_flops)
+        )
 
     def _used(self, name: str) -> float:
         return {"samples": self.samples_seen, "optimizer_steps": self.optimizer_steps, "flops": self.flops or 0.0}[name]

@@ -189,14 +189,19 @@ class LRPath:
         """Write ``unscaled x product`` into every param group (nothing to do when no factor and
         no LR changed since the last write: the common case, checked cheaply every batch)."""
         product = self.product
-        if product == self._applied_product and all(
-            group["lr"] == self.written.get(key) for key, group in self._groups()
-        ):
+        if product == self._applied_product and self._as_written():
             return
         self.sync_unscaled()
         for key, group in self._groups():
             group["lr"] = self.written[key] = self.unscaled[key] * product
         self._applied_product = product
+
+    def _as_written(self) -> bool:
+        """Every param group still holds the LR the path wrote (one optimizer: a flat scan)."""
+        written = self.written
+        if len(self.optimizers) == 1:
+            return all(group["lr"] == written.get((0, j)) for j, group in enumerate(self.optimizers[0].param_groups))
+        return all(group["lr"] == written.get(key) for key, group in self._groups())
 
     def unapply(self, optimizer: Optimizer) -> None:
         """Put the unscaled LRs back into ``optimizer`` (around a scheduler step)."""

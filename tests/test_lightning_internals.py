@@ -155,6 +155,17 @@ def test_fact_14_logging_cadence_and_step_are_lightnings():
     class Watch(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((is_logging_step(trainer), logging_step(trainer)))
+            # the shortcut is Lightning's rule while the fit loop runs, in every per-step hook
+            assert is_logging_step(trainer) == trainer._logger_connector.should_update_logs
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            assert is_logging_step(trainer) == trainer._logger_connector.should_update_logs
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            assert is_logging_step(trainer) == trainer._logger_connector.should_update_logs
+            trainer.should_stop = batch_idx == 6  # and when stopping
+            assert is_logging_step(trainer) == trainer._logger_connector.should_update_logs
+            trainer.should_stop = False
 
     quiet_trainer(callbacks=[Watch()], max_epochs=1, log_every_n_steps=3, accumulate_grad_batches=2).fit(
         RecordingModule(), DataLoader(make_dataset(40), batch_size=5))
