@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("simple_cnn", "resnet20"), default="simple_cnn")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every arm (median)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats of every arm (median)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit (the first is warm-up)")
     parser.add_argument("--quick", action="store_true", help="2 epochs per fit and a smaller data set")
     parser.add_argument("--out", default="runs/bench")
