@@ -111,7 +111,11 @@ def bench_section(bench: dict[str, Any] | None) -> list[str]:
         return out + ["Not measured yet: run `python scripts/bench.py --quick`.", ""]
     out += [f"{bench.get('model')} batch {bench.get('batch')} {bench.get('precision')} on {bench.get('device')}, "
             f"{bench.get('repeats')} interleaved repeats; machine: {machine_line(bench)}; "
-            f"{bench.get('seconds', 0):.0f} s.", "", "| key | value | target |", "|---|---|---|"]
+            f"{bench.get('seconds', 0):.0f} s.", ""]
+    if bench.get("noise_floor_exceeds_3_percent"):
+        out += ["**This run was too noisy to resolve a few percent**: its two identical arms (plain Lightning and its "
+                "control) differ by more than 3% (`overhead_control_vs_lightning`). Re-run on a quieter machine.", ""]
+    out += ["| key | value | target |", "|---|---|---|"]
     targets = {k: (op, v) for k, op, v in TARGETS}
     for key in sorted(bench):
         value = bench[key]

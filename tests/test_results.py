@@ -79,3 +79,10 @@ def test_make_train_run_and_install_size_from_the_newest_default_run(tmp_path):
     sizes = results.install_gib(tmp_path)
     assert sizes is not None and abs(sizes["nvidia"] * 1024 - 1.0) < 1e-9 and abs(sizes["torch"] * 1024 - 0.5) < 1e-9
     assert abs(sizes["venv"] * 1024 - 1.5) < 1e-9
+
+
+def test_a_bench_run_too_noisy_to_resolve_its_targets_is_flagged(tmp_path):
+    write(tmp_path, "runs/bench/results.json", {"overhead_control_vs_lightning": 0.9, "noise_floor_exceeds_3_percent": 1.0})
+    assert "**This run was too noisy to resolve a few percent**" in results.main(["--root", str(tmp_path), "--no-readme"])
+    write(tmp_path, "runs/bench/results.json", {"overhead_control_vs_lightning": 0.99, "noise_floor_exceeds_3_percent": 0.0})
+    assert "too noisy" not in results.main(["--root", str(tmp_path), "--no-readme"])
