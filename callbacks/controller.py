@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 from typing_extensions import override
@@ -37,7 +36,6 @@ from epochwise.datamodules.sampler import (
 
 from ._checks import ConfigurationError, check_choice, check_int
 from ._lightning_internals import (
-    detach_callback,
     intercept_train_dataloaders,
     override_stepping_estimate,
     pending_loader_states,
@@ -48,7 +46,14 @@ from ._lightning_internals import (
 )
 from ._logging import CadenceLog
 from ._max_per_device import measure_max_per_device, same_batches
-from .engine import FitState, batch_length, fit_state, length_or_none, release_fit_state
+from .engine import (
+    FitScopedCallback,
+    FitState,
+    batch_length,
+    fit_state,
+    length_or_none,
+    release_fit_state,
+)
 from .fit_checks import check_trainer, total_steps, val_check_error, validate_fit
 from .plans import EpochPlan, plan_epoch
 from .schedules import Unit
@@ -58,7 +63,7 @@ __all__ = ["BatchSizeController"]
 _KEYS = ("batch_size/per_device", "batch_size/global", "batch_size/accumulation")
 
 
-class BatchSizeController(Callback):
+class BatchSizeController(FitScopedCallback):
     """Base class of every callback that decides the per-device batch size during fit.
 
     Subclasses implement :meth:`scheduled_batch_size` (``(epoch, step) -> per-device size``, or
@@ -414,16 +419,8 @@ class BatchSizeController(Callback):
         self._batches_done = batch_idx + 1
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._end_fit(trainer)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._end_fit(trainer)
-
     def _end_fit(self, trainer: pl.Trainer) -> None:
-        detach_callback(self)
+        super()._end_fit(trainer)
         if self._fit is None:
             return
         self._last_state = self.state_dict()

@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from ._lightning_internals import detach_callback
 
 if TYPE_CHECKING:
     from .lr_path import LRPath
@@ -38,6 +42,7 @@ __all__ = [
     "batch_length",
     "length_or_none",
     "cached_state_key",
+    "FitScopedCallback",
 ]
 
 
@@ -194,3 +199,35 @@ def cached_state_key(callback: Any, **identity: Any) -> str:
     key = callback._generate_state_key(**identity)
     callback.__dict__["_cached_state_key"] = (identity, key)
     return key
+
+
+class FitScopedCallback(Callback):
+    """A callback whose per-fit state ends with the fit: ``_end_fit(trainer)`` runs once the fit ends,
+    normally (``teardown("fit")``) or by an exception, and gives back what the fit changed.
+
+    Subclasses extend ``_end_fit`` (calling ``super()._end_fit(trainer)``); the base drops the module
+    handles Lightning attaches to every callback (``detach_callback``), so a kept callback keeps no
+    finished fit alive.
+
+    Example:
+        >>> class Counter(FitScopedCallback):
+        ...     def setup(self, trainer, pl_module, stage):
+        ...         self.steps = 0
+        ...     def _end_fit(self, trainer):
+        ...         super()._end_fit(trainer)
+        ...         self.last_fit_steps = self.steps
+        >>> isinstance(Counter(), Callback)
+        True
+    """
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._end_fit(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_fit(trainer)
+
+    def _end_fit(self, trainer: pl.Trainer) -> None:
+        detach_callback(self)

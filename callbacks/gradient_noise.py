@@ -41,7 +41,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -49,9 +48,9 @@ from typing_extensions import override
 
 from ._checks import ConfigurationError, check_bool, check_choice, check_int, check_number
 from ._gns_sources import DDPNorms, gns_allreduce_hook, split_training_step
-from ._lightning_internals import amp_grad_scale, detach_callback, is_logging_step, logging_step
+from ._lightning_internals import amp_grad_scale, is_logging_step, logging_step
 from ._logging import log_metrics
-from .engine import batch_length, fit_state, release_fit_state
+from .engine import FitScopedCallback, batch_length, fit_state, release_fit_state
 from .noise_scale import GradientNoiseEstimator, averaged_batch_size, effective_batch_sizes
 
 __all__ = ["GradientNoiseScale"]
@@ -60,7 +59,7 @@ Source = Literal["auto", "ddp", "accumulation", "split"]
 _LOGGED = ("b_simple", "grad_sq_norm", "trace_cov", "b_simple_raw", "grad_sq_norm_raw", "trace_cov_raw")
 
 
-class GradientNoiseScale(Callback):
+class GradientNoiseScale(FitScopedCallback):
     """Measure the gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` during ``fit`` (McCandlish et al. 2018).
 
     ``B_simple`` is in samples per optimizer step over all devices (the global batch): training at a
@@ -334,16 +333,8 @@ class GradientNoiseScale(Callback):
 
     # -- the end of the fit --------------------------------------------------------------------
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._end_fit(trainer)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._end_fit(trainer)
-
     def _end_fit(self, trainer: pl.Trainer) -> None:
-        detach_callback(self)
+        super()._end_fit(trainer)
         if self._training:
             self._last_state = self.state_dict()
         self._uninstall()

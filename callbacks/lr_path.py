@@ -24,14 +24,13 @@ import math
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from ._checks import ConfigurationError
-from ._lightning_internals import detach_callback, is_logging_step, logging_step
+from ._lightning_internals import is_logging_step, logging_step
 from ._logging import log_metrics
-from .engine import FitState, fit_state, release_fit_state
+from .engine import FitScopedCallback, FitState, fit_state, release_fit_state
 
 __all__ = ["LRPath", "ScaledScheduler", "LRFactorCallback", "LRMonitor", "lr_tags"]
 
@@ -259,7 +258,7 @@ class LRPath:
         self.written.update({(int(i), int(j)): float(v) for i, j, v in state.get("written", [])})
 
 
-class LRFactorCallback(Callback):
+class LRFactorCallback(FitScopedCallback):
     """Base class of every callback that moves the LR: one named factor on the fit's LR path.
 
     Subclasses set ``factor_name`` (and ``discrete = True`` for a factor that changes in jumps)
@@ -322,16 +321,8 @@ class LRFactorCallback(Callback):
         self._path.log(trainer)  # type: ignore[union-attr]
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._end_fit(trainer)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._end_fit(trainer)
-
     def _end_fit(self, trainer: pl.Trainer) -> None:
-        detach_callback(self)
+        super()._end_fit(trainer)
         if self._path is not None:
             self._last_state = self.state_dict()["lr_path"]
         self._path = self._fit = None

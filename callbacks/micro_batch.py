@@ -34,7 +34,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
@@ -44,9 +43,8 @@ from typing_extensions import override
 from ._batches import balanced_sizes, split_rows
 from ._checks import ConfigurationError, check_choice, check_int
 from ._device_memory import is_out_of_memory
-from ._lightning_internals import detach_callback
 from ._logging import CadenceLog
-from .engine import batch_length, fit_state, release_fit_state
+from .engine import FitScopedCallback, batch_length, fit_state, release_fit_state
 
 __all__ = ["AutoMicroBatch"]
 
@@ -65,7 +63,7 @@ def _with_loss(output: Any, loss: Tensor) -> Any:
     return loss if isinstance(output, Tensor) else {**output, "loss": loss}
 
 
-class AutoMicroBatch(Callback):
+class AutoMicroBatch(FitScopedCallback):
     """Retry a training step that runs out of device memory as micro-batches, keeping the trajectory.
 
     On ``torch.OutOfMemoryError`` (or the CPU allocator's out-of-memory error) in a training step,
@@ -337,16 +335,8 @@ class AutoMicroBatch(Callback):
                                 "micro_batch/parts": float(self._parts), "micro_batch/ooms": float(self.ooms)})
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._end_fit(trainer)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._end_fit(trainer)
-
     def _end_fit(self, trainer: pl.Trainer) -> None:
-        detach_callback(self)
+        super()._end_fit(trainer)
         if self._module is None:
             return
         self._last_state = self.state_dict()
